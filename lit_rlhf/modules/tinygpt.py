@@ -1,0 +1,129 @@
+"""Char-level TinyGPT pretraining (the reference report's "Pre-training" step)."""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+
+from lit_rlhf.data.char_tokenizer import CharTokenizer
+from lit_rlhf.errors import UserInputError
+from lit_rlhf.logging import log_table
+from lit_rlhf.models.tinygpt import TinyGPT, TinyGPTConfig
+
+
+class TinyGPTModule(LightningModule):
+    """Next-character prediction. The vocabulary comes from the data module at `setup` and is
+    stored in the checkpoint's hyper-parameters, so `load_from_checkpoint` can sample right away.
+    """
+
+    def __init__(
+        self,
+        vocab: list[str] | None = None,
+        block_size: int = 64,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 64,
+        dropout: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        sample_prompts: tuple[str, ...] = ("The ", "In 1990 , "),
+        sample_chars: int = 120,
+        sample_temperature: float = 0.8,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer = optimizer
+        self.model: TinyGPT | None = None
+        self.val_loss = MeanMetric()
+        self._last_batch_end: float | None = None
+        if vocab is not None:
+            self._build(vocab)
+
+    def _build(self, vocab: list[str]) -> None:
+        hp = self.hparams
+        hp.vocab = list(vocab)
+        self.tokenizer = CharTokenizer(hp.vocab)
+        config = TinyGPTConfig(
+            vocab_size=self.tokenizer.vocab_size,
+            block_size=hp.block_size,
+            n_layer=hp.n_layer,
+            n_head=hp.n_head,
+            n_embd=hp.n_embd,
+            dropout=hp.dropout,
+        )
+        self.model = TinyGPT(config)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_vocab = getattr(datamodule, "vocab", None)
+        if self.model is None:
+            if data_vocab is None:
+                raise UserInputError("TinyGPTModule needs a vocabulary: a data module with `vocab` or a checkpoint.")
+            self._build(data_vocab)
+        elif data_vocab is not None and list(data_vocab) != self.hparams.vocab:
+            raise UserInputError(
+                "The data's character vocabulary differs from the model's (checkpoint trained on other text). "
+                "Pass the checkpoint's vocabulary to the data module or train a new model."
+            )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {self.global_step}: lower the learning rate or "
+                "use fp32 (trainer.precision: 32-true)."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            tokens = batch[0].numel() * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / (now - self._last_batch_end))
+        self._last_batch_end = now
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.val_loss.update(self._loss(batch), weight=batch[0].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpc": loss / math.log(2)}, prog_bar=True)
+        self._last_batch_end = None
+        if not self.trainer.sanity_checking:
+            rows = [[p, s] for p, s in zip(self.hparams.sample_prompts, self.sample(self.hparams.sample_prompts))]
+            log_table(self.trainer, "samples/tinygpt", ["prompt", "completion"], rows)
+
+    @torch.no_grad()
+    def sample(self, prompts, max_new_chars: int | None = None, seed: int = 0) -> list[str]:
+        """Completions (without the prompt) for each prompt, from a fixed seed."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        outputs = []
+        for prompt in prompts:
+            idx = self.tokenizer.encode(prompt).unsqueeze(0).to(self.device)
+            out = self.model.generate(
+                idx,
+                max_new_chars or self.hparams.sample_chars,
+                temperature=self.hparams.sample_temperature,
+                generator=generator,
+            )
+            outputs.append(self.tokenizer.decode(out[0, idx.size(1) :]))
+        self.train(was_training)
+        return outputs
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters())
