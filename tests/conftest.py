@@ -1,0 +1,67 @@
+"""Shared fixtures: offline environment, the real data samples, tiny HF models built from a config."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch, tmp_path):
+    """No hub, W&B offline without an account; the embedded model cache stays shared."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real data samples (`LIT_RLHF_DATA`, or ../shared/data beside the repo)."""
+    root = Path(os.environ.get("LIT_RLHF_DATA", REPO.parent / "shared" / "data"))
+    if not root.is_dir():
+        pytest.skip(f"real data samples not found at {root}; set LIT_RLHF_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir() -> Path:
+    """The embedded SmolLM2 folder (converted once per machine); used for its real tokenizer."""
+    from lit_rlhf.models.hf import embedded_smollm2_folder
+
+    return embedded_smollm2_folder()
+
+
+def make_tiny_llama_dir(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer LlamaForCausalLM with SmolLM2's tokenizer and chat template, saved as an HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer_dir)
