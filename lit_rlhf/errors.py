@@ -41,3 +41,7 @@ def hub_unreachable(kind: str, hub_id: str, error: Exception, local_hint: str) -
         f"cache ({type(error).__name__}: {str(error).splitlines()[0][:200]}). This machine is probably "
         f"offline. {local_hint}"
     )
+
+
+class NonFiniteError(UserInputError):
+    """A loss, reward or KL became NaN/inf: stop instead of training on garbage."""

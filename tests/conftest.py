@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_tiny_llama_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,31 +37,6 @@ def smol_tokenizer_dir() -> Path:
     from lit_rlhf.models.hf import embedded_smollm2_folder
 
     return embedded_smollm2_folder()
-
-
-def make_tiny_llama_dir(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
-    """A 2-layer LlamaForCausalLM with SmolLM2's tokenizer and chat template, saved as an HF folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **overrides,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,34 @@ def load_sequence_scorer(
     )
     model.config.pad_token_id = pad_token_id
     return model
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, max_length: int) -> tuple[list[int], str]:
+    """Token ids of `user_text` as a user turn plus the generation prompt, at most `max_length` long.
+
+    Too-long prompts lose the *start* of the user text, so the chat template (system turn, user
+    header, generation prompt) stays intact. Returns (ids, the user text actually kept).
+    """
+
+    def render(text: str) -> list[int]:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+
+    ids = render(user_text)
+    if len(ids) <= max_length:
+        return ids, user_text
+    overhead = len(render(""))
+    if overhead >= max_length:
+        raise UserInputError(
+            f"max_prompt_length={max_length} is shorter than the chat template alone ({overhead} tokens)."
+        )
+    text_ids = tokenizer(user_text, add_special_tokens=False)["input_ids"]
+    budget = max_length - overhead
+    while budget > 0:
+        kept = tokenizer.decode(text_ids[-budget:])
+        ids = render(kept)
+        if len(ids) <= max_length:
+            return ids, kept
+        budget -= len(ids) - max_length
+    raise UserInputError(f"Could not fit the prompt into max_prompt_length={max_length} tokens.")

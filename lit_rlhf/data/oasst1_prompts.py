@@ -1,0 +1,134 @@
+"""OpenAssistant (oasst1) prompter messages as PPO prompts, with held-out unseen evaluation prompts."""
+
+import json
+import random
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lit_rlhf.data.oasst1 import read_oasst1_rows
+from lit_rlhf.errors import UserInputError
+from lit_rlhf.models.hf import DEFAULT_MODEL, chat_prompt_ids, load_tokenizer
+
+EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
+
+
+def split_prompts(
+    rows: list[dict], lang: str | None, num_train: int, num_eval: int, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Prompter texts only, language-filtered and de-duplicated, split by message tree.
+
+    Evaluation trees are drawn first, so no train prompt shares a `message_tree_id` with an
+    evaluation prompt; then `num_train` prompts are sampled from the remaining trees.
+    """
+    seen: set[str] = set()
+    prompts = []
+    for row in rows:
+        text = (row.get("text") or "").strip()
+        if row.get("role") != "prompter" or not text or (lang and row.get("lang") != lang) or text in seen:
+            continue
+        seen.add(text)
+        prompts.append({"prompt": text, "message_id": row["message_id"], "message_tree_id": row["message_tree_id"]})
+    if not prompts:
+        raise UserInputError(
+            f"No oasst1 prompter message is left after filtering (lang={lang!r}). Check data.path and data.lang."
+        )
+    rng = random.Random(seed)
+    trees = sorted({p["message_tree_id"] for p in prompts})
+    rng.shuffle(trees)
+    by_tree: dict[str, list[dict]] = {}
+    for p in prompts:
+        by_tree.setdefault(p["message_tree_id"], []).append(p)
+    eval_prompts: list[dict] = []
+    eval_trees = set()
+    for tree in trees:
+        if len(eval_prompts) >= num_eval:
+            break
+        eval_trees.add(tree)
+        eval_prompts.extend(by_tree[tree])
+    eval_prompts = eval_prompts[:num_eval]
+    train_pool = [p for p in prompts if p["message_tree_id"] not in eval_trees]
+    if not train_pool:
+        raise UserInputError("All oasst1 prompts went to evaluation; lower num_eval_prompts or add data.")
+    train_prompts = rng.sample(train_pool, min(num_train, len(train_pool)))
+    return train_prompts, eval_prompts
+
+
+class OASST1PromptDataModule(LightningDataModule):
+    """Batches of chat-templated prompt ids (left-padded by the PPO module) and their texts.
+
+    Args:
+        path: hub id `OpenAssistant/oasst1` or a local JSONL/parquet file or folder of message rows.
+        num_train_prompts: sampled with `seed` (task: 2 000); fewer if the data has fewer.
+        num_eval_prompts: unseen prompts (disjoint message trees) written to
+            `<default_root_dir>/eval_prompts.jsonl` for the evaluation stage.
+        max_prompt_length: longer prompts lose the start of their user text (template kept).
+    """
+
+    def __init__(
+        self,
+        path: str = "OpenAssistant/oasst1",
+        tokenizer_name_or_path: str = DEFAULT_MODEL,
+        lang: str | None = "en",
+        num_train_prompts: int = 2000,
+        num_eval_prompts: int = 64,
+        max_prompt_length: int = 256,
+        batch_size: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        rows = read_oasst1_rows(hp.path)
+        train, evaluation = split_prompts(rows, hp.lang, hp.num_train_prompts, hp.num_eval_prompts, hp.seed)
+        tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+        truncated = 0
+        for prompt in tqdm(train, desc="tokenizing prompts", leave=False):
+            prompt["input_ids"], kept = chat_prompt_ids(tokenizer, prompt["prompt"], hp.max_prompt_length)
+            truncated += kept != prompt["prompt"]
+            prompt["prompt"] = kept
+        print(
+            f"[lit_rlhf] oasst1 prompts: {len(train)} train, {len(evaluation)} unseen eval "
+            f"({truncated} train prompts cut from the left to {hp.max_prompt_length} tokens)."
+        )
+        self.train_prompts, self.eval_prompts = train, evaluation
+        if self.trainer is not None and self.trainer.is_global_zero:
+            self.write_eval_prompts(Path(self.trainer.default_root_dir))
+
+    def write_eval_prompts(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / EVAL_PROMPTS_FILE
+        tmp = out.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for p in self.eval_prompts:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+        return out
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        return {"prompt": [i["prompt"] for i in items], "input_ids": [i["input_ids"] for i in items]}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_prompts,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_prompts) >= self.hparams.batch_size,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+
+def read_eval_prompts(path: str | Path) -> list[dict]:
+    """The unseen evaluation prompts a PPO run wrote (a run folder or the JSONL itself)."""
+    path = Path(path)
+    file = path / EVAL_PROMPTS_FILE if path.is_dir() else path
+    if not file.exists():
+        raise UserInputError(f"No evaluation prompts at '{file}'. Run the PPO stage first (it writes them).")
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,417 @@
+"""PPO fine-tuning of a causal LM against a frozen reward model (RLHF), full or LoRA.
+
+One module, two configs: `lora: null` trains every policy weight and keeps a frozen copy as the
+reference; with `lora` set, only the q_proj/v_proj adapters train and the reference is the same
+network with its adapters disabled (no second copy). The critic starts from the reward model.
+Metric names follow TRL's PPO trainer (`objective/kl`, `objective/scores`, `policy/approxkl_avg`...).
+"""
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GenerationConfig
+
+from lit_rlhf.errors import NonFiniteError, UserInputError
+from lit_rlhf.logging import log_table
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.rl.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_rewards,
+)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.2
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+def _lora_config(settings: LoraSettings, task_type: str) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type=task_type,
+    )
+
+
+def count_trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _save_atomically(folder: Path, save) -> None:
+    """Write a model folder next to its destination, then swap it in: no half-written folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class PPOModule(LightningModule):
+    """Each training step is one PPO iteration: roll out a batch of prompts, score it, then run
+    `ppo_epochs` passes of clipped policy/value updates over it in mini-batches.
+
+    Args:
+        model_name_or_path: the policy's starting model (hub id, local folder or `embedded:smollm2`).
+        reward_model_path: the frozen reward-model folder exported by the reward-model stage.
+        value_model_path: where the critic starts (default: the reward model).
+        lora: LoRA settings for the policy; None trains all weights (the "full" variant).
+        critic_lora: also put LoRA on the critic (its scalar head stays fully trainable).
+        forward_batch_size: micro-batch for generation and every forward pass.
+        mini_batch_size: prompts per optimizer step (default: the whole rollout batch).
+        kl_target: per-token KL the adaptive controller steers to; None keeps `init_kl_coef` fixed.
+        missing_eos_penalty: subtracted from the score of responses that never emit EOS.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        reward_model_path: str = "runs/reward_model/reward_model",
+        value_model_path: str | None = None,
+        lora: LoraSettings | None = None,
+        critic_lora: bool = False,
+        policy_optimizer: OptimizerCallable = torch.optim.AdamW,
+        value_optimizer: OptimizerCallable = torch.optim.AdamW,
+        forward_batch_size: int = 16,
+        mini_batch_size: int | None = None,
+        ppo_epochs: int = 4,
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        missing_eos_penalty: float | None = None,
+        kl_estimator: str = "k1",
+        init_kl_coef: float = 0.05,
+        kl_target: float | None = 0.05,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        whiten_rewards: bool = False,
+        max_grad_norm: float = 1.0,
+        reward_max_length: int = 512,
+        sample_every_n_steps: int = 5,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only what training changes, see on_save_checkpoint
+        self.policy_optimizer, self.value_optimizer = policy_optimizer, value_optimizer
+        if kl_estimator not in {"k1", "k3"}:
+            raise UserInputError(f"kl_estimator must be 'k1' or 'k3', not '{kl_estimator}'.")
+
+        self.tokenizer = load_tokenizer(model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
+        self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code)
+        policy = load_causal_lm(model_name_or_path, trust_remote_code=trust_remote_code)
+        if lora is None:
+            self.ref_policy = _freeze(copy.deepcopy(policy))
+            self.policy = policy
+        else:
+            self.ref_policy = None  # the reference is the policy with its adapters disabled
+            self.policy = get_peft_model(policy, _lora_config(lora, "CAUSAL_LM"))
+        self.reward_model = _freeze(
+            load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code)
+        )
+        critic = load_sequence_scorer(
+            value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code
+        )
+        self.critic = get_peft_model(critic, _lora_config(lora or LoraSettings(), "SEQ_CLS")) if critic_lora else critic
+        self.kl_controller = (
+            AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
+            if kl_target is not None
+            else FixedKLController(init_kl_coef, 0.0, 1)
+        )
+        self.trainable_params = {"policy": count_trainable(self.policy), "critic": count_trainable(self.critic)}
+        self._check_trainable()
+
+    def _check_trainable(self) -> None:
+        names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
+        if self.hparams.lora is not None and not all("lora_" in n for n in names):
+            raise AssertionError(f"LoRA variant trains non-adapter policy weights: {names[:3]}")
+        print(
+            f"[lit_rlhf] PPO {'LoRA' if self.hparams.lora else 'full'}: trainable policy params "
+            f"{self.trainable_params['policy']:,} / {sum(p.numel() for p in self.policy.parameters()):,}; "
+            f"critic {self.trainable_params['critic']:,}"
+        )
+
+    # ---------------------------------------------------------------- forward passes
+    @staticmethod
+    def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions that skip left padding, matching what `generate` used."""
+        return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+    def _response_logits(self, model, sequences, attention_mask, response_length: int) -> torch.Tensor:
+        out = model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=self._position_ids(attention_mask),
+            use_cache=False,
+            logits_to_keep=response_length + 1,
+        )
+        return out.logits[:, :-1] / (self.hparams.temperature + 1e-7)
+
+    def _values(self, sequences, attention_mask, response_length: int) -> torch.Tensor:
+        critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic
+        backbone = getattr(critic, critic.base_model_prefix)
+        hidden = backbone(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=self._position_ids(attention_mask)
+        ).last_hidden_state
+        return critic.score(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
+
+    def _reference_logits(self, sequences, attention_mask, response_length: int) -> torch.Tensor:
+        if self.ref_policy is not None:
+            return self._response_logits(self.ref_policy, sequences, attention_mask, response_length)
+        with self.policy.disable_adapter():
+            return self._response_logits(self.policy, sequences, attention_mask, response_length)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Reward-model scores, re-tokenized with the reward model's own tokenizer and chat template."""
+        texts = [
+            self.reward_tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses)
+        ]
+        self.reward_tokenizer.truncation_side = "left"
+        enc = self.reward_tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.hparams.reward_max_length,
+            add_special_tokens=False,
+        ).to(self.device)
+        return self.reward_model(**enc).logits[:, 0].float()
+
+    # ---------------------------------------------------------------- rollout
+    def _left_pad(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids in id_lists)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in id_lists], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in id_lists], device=self.device)
+        return ids, mask
+
+    def _response_mask(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, has_eos): mask is 1 up to and including the first EOS. Pad may equal EOS (SmolLM2),
+        so padding is found by position, not by token id."""
+        is_eos = responses == self.tokenizer.eos_token_id
+        has_eos = is_eos.any(1)
+        full = torch.full_like(has_eos, responses.size(1), dtype=torch.long)
+        length = torch.where(has_eos, is_eos.float().argmax(1).long() + 1, full)
+        return (torch.arange(responses.size(1), device=responses.device) < length.unsqueeze(1)).long(), has_eos
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> dict:
+        """Generate responses and compute everything PPO needs about them, in micro-batches."""
+        hp = self.hparams
+        queries, query_mask = self._left_pad(batch["input_ids"])
+        generation = GenerationConfig(
+            do_sample=True,
+            temperature=hp.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=hp.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.policy.eval()
+        responses = []
+        for q, m in zip(queries.split(hp.forward_batch_size), query_mask.split(hp.forward_batch_size)):
+            out = self.policy.generate(input_ids=q, attention_mask=m, generation_config=generation)
+            responses.append(out[:, q.size(1) :])
+        width = max(r.size(1) for r in responses)
+        responses = torch.cat(
+            [torch.nn.functional.pad(r, (0, width - r.size(1)), value=self.tokenizer.pad_token_id) for r in responses]
+        )
+        mask, has_eos = self._response_mask(responses)
+        responses = responses.masked_fill(mask == 0, self.tokenizer.pad_token_id)
+        sequences = torch.cat([queries, responses], 1)
+        attention = torch.cat([query_mask, mask], 1)
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+        logprobs, ref_logprobs, values, entropy, scores = [], [], [], [], []
+        for s, a, r, p, t in zip(
+            sequences.split(hp.forward_batch_size),
+            attention.split(hp.forward_batch_size),
+            responses.split(hp.forward_batch_size),
+            _chunks(batch["prompt"], hp.forward_batch_size),
+            _chunks(texts, hp.forward_batch_size),
+        ):
+            logits = self._response_logits(self.policy, s, a, width)
+            logprobs.append(logprobs_from_logits(logits, r))
+            entropy.append(entropy_from_logits(logits))
+            del logits
+            ref_logprobs.append(logprobs_from_logits(self._reference_logits(s, a, width), r))
+            values.append(self._values(s, a, width))
+            scores.append(self.score(p, t))
+        self.policy.train()
+        rollout = {
+            "sequences": sequences,
+            "attention_mask": attention,
+            "responses": responses,
+            "mask": mask.float(),
+            "logprobs": torch.cat(logprobs),
+            "ref_logprobs": torch.cat(ref_logprobs),
+            "values": torch.cat(values),
+            "entropy": torch.cat(entropy),
+            "scores": torch.cat(scores),
+            "texts": texts,
+            "has_eos": has_eos,
+        }
+        if hp.missing_eos_penalty is not None:
+            rollout["scores"] = rollout["scores"] - hp.missing_eos_penalty * (~rollout["has_eos"]).float()
+        return rollout
+
+    # ---------------------------------------------------------------- PPO iteration
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        started = time.perf_counter()
+        ro = self.rollout(batch)
+        rollout_seconds = time.perf_counter() - started
+        mask = ro["mask"]
+        kl = kl_estimate(ro["logprobs"], ro["ref_logprobs"], hp.kl_estimator) * mask
+        kl_per_token = masked_mean(kl, mask)
+        if not (torch.isfinite(ro["scores"]).all() and torch.isfinite(kl_per_token)):
+            raise NonFiniteError(
+                f"PPO iteration {batch_idx}: the reward model returned non-finite scores or the KL is "
+                "non-finite. Check the reward model folder (reward_model_path) and lower the learning rate; "
+                "training stopped instead of optimising garbage."
+            )
+        kl_coef = self.kl_controller.value
+        rewards, non_score_reward = token_rewards(ro["scores"], kl, mask, kl_coef)
+        if hp.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, ro["values"], mask, hp.gamma, hp.lam)
+        advantages = masked_whiten(advantages, mask)
+        stats = self._optimise(ro, advantages, returns)
+        self.kl_controller.update(kl_per_token.item(), n_steps=mask.size(0))
+
+        metrics = {
+            "objective/kl": kl.sum(1).mean(),
+            "objective/kl_per_token": kl_per_token,
+            "objective/entropy": (ro["entropy"] * mask).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": (ro["scores"] + non_score_reward.sum(1)).mean(),
+            "objective/scores": ro["scores"].mean(),
+            "val/num_eos_tokens": ro["has_eos"].sum().float(),
+            "val/response_length": mask.sum(1).mean(),
+            "kl_coef": torch.tensor(kl_coef),
+            "time/rollout_s": torch.tensor(rollout_seconds),
+            "time/iteration_s": torch.tensor(time.perf_counter() - started),
+            **stats,
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=mask.size(0))
+        self.log("objective/scores_pb", metrics["objective/scores"], prog_bar=True, logger=False)
+        if hp.sample_every_n_steps and self.trainer.fit_loop.epoch_loop._batches_that_stepped % hp.sample_every_n_steps == 0:
+            rows = [[p, t, f"{s:.3f}"] for p, t, s in zip(batch["prompt"][:4], ro["texts"][:4], ro["scores"][:4].tolist())]
+            log_table(self.trainer, "samples/ppo", ["prompt", "response", "score"], rows, echo=False)
+
+    def _optimise(self, ro: dict, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        hp = self.hparams
+        opt_policy, opt_value = self.optimizers()
+        batch = advantages.size(0)
+        mini = hp.mini_batch_size or batch
+        width = ro["responses"].size(1)
+        totals = {"policy/approxkl_avg": 0.0, "policy/clipfrac_avg": 0.0, "loss/policy_avg": 0.0,
+                  "loss/value_avg": 0.0, "val/clipfrac_avg": 0.0, "val/ratio": 0.0}
+        n_micro = 0
+        self.policy.train()
+        self.critic.train()
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(batch, device=advantages.device)
+            for mini_idx in order.split(mini):
+                opt_policy.zero_grad()
+                opt_value.zero_grad()
+                for idx in mini_idx.split(hp.forward_batch_size):
+                    weight = len(idx) / len(mini_idx)
+                    seq, att, m = ro["sequences"][idx], ro["attention_mask"][idx], ro["mask"][idx]
+                    logits = self._response_logits(self.policy, seq, att, width)
+                    new_logprobs = logprobs_from_logits(logits, ro["responses"][idx])
+                    del logits
+                    pl = ppo_policy_loss(new_logprobs, ro["logprobs"][idx], advantages[idx], m, hp.clip_range)
+                    new_values = self._values(seq, att, width)
+                    vl, v_clipfrac = ppo_value_loss(new_values, ro["values"][idx], returns[idx], m, hp.clip_range_value)
+                    if not (torch.isfinite(pl.loss) and torch.isfinite(vl)):
+                        raise NonFiniteError(
+                            "PPO loss became NaN/inf: lower policy/value learning rates or max_grad_norm."
+                        )
+                    self.manual_backward((pl.loss + vl) * weight)
+                    for key, value in (("policy/approxkl_avg", pl.approxkl), ("policy/clipfrac_avg", pl.clipfrac),
+                                       ("loss/policy_avg", pl.loss), ("loss/value_avg", vl),
+                                       ("val/clipfrac_avg", v_clipfrac), ("val/ratio", pl.ratio)):
+                        totals[key] += value.detach()
+                    n_micro += 1
+                self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(opt_value, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt_policy.step()
+                opt_value.step()
+        return {key: value / n_micro for key, value in totals.items()}
+
+    def configure_optimizers(self):
+        policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        return self.policy_optimizer(policy_params), self.value_optimizer(critic_params)
+
+    # ---------------------------------------------------------------- checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only trainable weights: the reference and reward model reload from their paths."""
+        trainable = {f"{name}" for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["kl_controller"] = self.kl_controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "kl_controller" in checkpoint:
+            self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.export(Path(self.trainer.default_root_dir))
+
+    def export(self, root: Path) -> Path:
+        """Full variant -> `<root>/policy` (HF folder); LoRA -> `<root>/policy_adapter` (peft folder)."""
+        folder = root / ("policy_adapter" if self.hparams.lora else "policy")
+
+        def save(staging: Path) -> None:
+            self.policy.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+
+        _save_atomically(folder, save)
+        print(f"[lit_rlhf] exported the trained policy to {folder}")
+        return folder
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

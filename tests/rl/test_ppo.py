@@ -1,0 +1,96 @@
+"""PPO maths against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from lit_rlhf.rl.ppo import (
+    AdaptiveKLController,
+    gae,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_rewards,
+)
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_kl_estimators():
+    logp, ref = t([-1.0, -2.0]), t([-1.5, -2.0])
+    assert torch.allclose(kl_estimate(logp, ref, "k1"), t([0.5, 0.0]))
+    assert torch.allclose(kl_estimate(logp, ref, "k3"), t([math.exp(-0.5) - 1 + 0.5, 0.0]))
+    with pytest.raises(ValueError):
+        kl_estimate(logp, ref, "k2")
+
+
+def test_adaptive_kl_controller_moves_towards_target_and_is_clipped():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert ctl.update(12.0, n_steps=100) == pytest.approx(0.1 * 1.002)  # error clipped to +0.2
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert ctl.update(3.0, n_steps=100) == pytest.approx(0.1 * 0.998)  # -0.5 clipped to -0.2
+    ctl = AdaptiveKLController(0.1, target=0.05, horizon=100)
+    assert ctl.update(0.055, n_steps=10) == pytest.approx(0.1 * (1 + 0.1 * 10 / 100))
+    state = ctl.state_dict()
+    other = AdaptiveKLController(1.0, 1.0, 1)
+    other.load_state_dict(state)
+    assert other.value == ctl.value and other.target == 0.05
+
+
+def test_gae_matches_hand_computation():
+    adv, ret = gae(t([0.0, 0.0, 1.0]), t([0.5, 0.6, 0.7]), t([1.0, 1.0, 1.0]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, t([0.225, 0.25, 0.3]))
+    assert torch.allclose(ret, t([0.725, 0.85, 1.0]))
+
+
+def test_gae_ignores_values_after_the_last_token():
+    adv, _ = gae(t([0.0, 1.0, 0.0]), t([0.5, 0.6, 9.0]), t([1.0, 1.0, 0.0]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, t([0.3, 0.4, 0.0]))
+
+
+def test_gae_discount():
+    adv, _ = gae(t([0.0, 1.0]), t([0.0, 0.0]), t([1.0, 1.0]), gamma=0.5, lam=1.0)
+    assert torch.allclose(adv, t([0.5, 1.0]))
+
+
+def test_token_rewards_put_score_on_last_real_token():
+    rewards, non_score = token_rewards(torch.tensor([2.0]), t([0.1, 0.2, 0.3]), t([1.0, 1.0, 0.0]), kl_coef=0.5)
+    assert torch.allclose(non_score, t([-0.05, -0.1, 0.0]))
+    assert torch.allclose(rewards, t([-0.05, 1.9, 0.0]))
+
+
+def test_masked_whiten_and_mean():
+    x, mask = t([1.0, 2.0, 3.0, 4.0, 100.0]), t([1.0, 1.0, 1.0, 1.0, 0.0])
+    assert masked_mean(x, mask).item() == pytest.approx(2.5)
+    std = math.sqrt(5 / 3)
+    assert torch.allclose(masked_whiten(x, mask), t([-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std, 0.0]), atol=1e-5)
+
+
+def test_policy_loss_clipping():
+    old = t([0.0, 0.0])
+    new = t([math.log(1.5), math.log(1.5)])
+    out = ppo_policy_loss(new, old, t([1.0, -1.0]), t([1.0, 1.0]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    assert out.clipfrac.item() == pytest.approx(0.5)
+    assert out.approxkl.item() == pytest.approx(0.5 * math.log(1.5) ** 2)
+    assert out.ratio.item() == pytest.approx(1.5)
+
+
+def test_value_loss_clipping():
+    loss, clipfrac = ppo_value_loss(t([1.0, 0.6]), t([0.5, 0.5]), t([0.0, 1.0]), t([1.0, 1.0]), 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 0.16) / 2)
+    assert clipfrac.item() == 0.0
+    loss, clipfrac = ppo_value_loss(t([0.0]), t([0.5]), t([0.2]), t([1.0]), 0.2)
+    # unclipped (0-0.2)^2 = 0.04; clipped (0.3-0.2)^2 = 0.01 -> max = 0.04
+    assert loss.item() == pytest.approx(0.02)
+
+
+def test_logprobs_from_logits():
+    logits = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
+    assert torch.allclose(logprobs_from_logits(logits, torch.tensor([[1, 0]])), torch.log(t([0.75, 0.5])))
