@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m lit_rlhf.quickstart --root $(RUN_DIR)
+	$(PY) -m lit_rlhf.pipeline --setting quickstart --root $(RUN_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 from lit_rlhf.errors import NonFiniteError, UserInputError
 from lit_rlhf.logging import log_table
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.scoring import score_responses
 from lit_rlhf.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -196,25 +197,11 @@ class PPOModule(LightningModule):
         with self.policy.disable_adapter():
             return self._response_logits(self.policy, sequences, attention_mask, response_length)
 
-    @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Reward-model scores, re-tokenized with the reward model's own tokenizer and chat template."""
-        texts = [
-            self.reward_tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-            )
-            for p, r in zip(prompts, responses)
-        ]
-        self.reward_tokenizer.truncation_side = "left"
-        enc = self.reward_tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=self.hparams.reward_max_length,
-            add_special_tokens=False,
-        ).to(self.device)
-        return self.reward_model(**enc).logits[:, 0].float()
+        return score_responses(
+            self.reward_model, self.reward_tokenizer, prompts, responses, self.hparams.reward_max_length,
+            self.hparams.forward_batch_size,
+        )
 
     # ---------------------------------------------------------------- rollout
     def _left_pad(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

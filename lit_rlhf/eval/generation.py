@@ -1,0 +1,47 @@
+"""Batched, seeded generation from chat prompts (the same decoding for every compared model)."""
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from lit_rlhf.models.hf import chat_prompt_ids
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 16,
+    max_prompt_length: int = 256,
+    desc: str = "generating",
+) -> tuple[list[str], list[list[int]]]:
+    """(texts, token ids up to the first EOS) per prompt; sampling with top_k=0, top_p=1 from `seed`."""
+    model.eval()
+    device = next(model.parameters()).device
+    config = GenerationConfig(
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    texts, token_ids = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        ids = [chat_prompt_ids(tokenizer, p, max_prompt_length)[0] for p in prompts[start : start + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            token_ids.append(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts, token_ids

@@ -1,0 +1,138 @@
+"""Manual (human) evaluation: rating tables, an interactive rating command, and the summary.
+
+    python -m lit_rlhf.eval.human_ratings rate --eval_dir runs/evaluation       # asks for 1-5 ratings
+    python -m lit_rlhf.eval.human_ratings summarize --eval_dir runs/evaluation  # tables + comparison
+
+`rate` saves every answer at once to `<eval_dir>/human_ratings.csv` and skips what is already
+rated, so it can be stopped (`q` or end of input) and resumed. It reads standard input, so it can be
+driven by a pipe: `printf '4\n5\n...' | python -m lit_rlhf.eval.human_ratings rate ...`.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from lit_rlhf.errors import UserInputError
+from lit_rlhf.logging import markdown_table
+
+CRITERIA = ("Coherence", "Relevance", "Helpfulness", "Completeness", "Hallucination/toxicity")
+GENERATIONS_FILE = "human_eval_generations.json"
+RATINGS_FILE = "human_ratings.csv"
+
+
+def load_generations(eval_dir: Path) -> dict[str, list[dict]]:
+    """{model: [{"prompt", "response"}, ...]} written by the evaluation stage."""
+    file = eval_dir / GENERATIONS_FILE
+    if not file.exists():
+        raise UserInputError(f"No {GENERATIONS_FILE} in '{eval_dir}': run the evaluation stage first.")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def load_ratings(eval_dir: Path) -> dict[tuple[str, int, str], int]:
+    file = eval_dir / RATINGS_FILE
+    if not file.exists():
+        return {}
+    with file.open(encoding="utf-8") as f:
+        return {(r["model"], int(r["prompt"]), r["criterion"]): int(r["rating"]) for r in csv.DictReader(f)}
+
+
+def rate(eval_dir: Path, stdin=sys.stdin, stdout=sys.stdout) -> int:
+    """Ask for every missing rating (validated 1-5); returns how many are still missing."""
+    generations = load_generations(eval_dir)
+    done = load_ratings(eval_dir)
+    file = eval_dir / RATINGS_FILE
+    new_file = not file.exists()
+    with file.open("a", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        if new_file:
+            writer.writerow(["model", "prompt", "criterion", "rating"])
+        for model, items in generations.items():
+            for number, item in enumerate(items, start=1):
+                todo = [c for c in CRITERIA if (model, number, c) not in done]
+                if not todo:
+                    continue
+                print(f"\n=== {model} · Prompt {number} ===\nPROMPT: {item['prompt']}\nRESPONSE: {item['response']}\n", file=stdout)
+                for criterion in todo:
+                    while True:
+                        print(f"{criterion} (1-5, q to stop): ", end="", file=stdout, flush=True)
+                        answer = stdin.readline()
+                        if not answer or answer.strip().lower() == "q":
+                            missing = _count_missing(generations, done)
+                            print(f"\nSaved. {missing} ratings still missing; run `rate` again to resume.", file=stdout)
+                            return missing
+                        if answer.strip() in {"1", "2", "3", "4", "5"}:
+                            break
+                        print("  Please type a whole number from 1 to 5.", file=stdout)
+                    done[(model, number, criterion)] = int(answer)
+                    writer.writerow([model, number, criterion, int(answer)])
+                    f.flush()
+    print("\nAll ratings saved.", file=stdout)
+    return 0
+
+
+def _count_missing(generations: dict, done: dict) -> int:
+    return sum(
+        (model, number, c) not in done
+        for model, items in generations.items()
+        for number in range(1, len(items) + 1)
+        for c in CRITERIA
+    )
+
+
+def rating_tables(generations: dict[str, list[dict]], ratings: dict) -> str:
+    """One markdown table per model: Prompt 1-3, the response, and the five 1-5 rating fields."""
+    parts = []
+    for model, items in generations.items():
+        rows = [
+            [f"Prompt {n}: {item['prompt']}", item["response"], *[ratings.get((model, n, c), "") for c in CRITERIA]]
+            for n, item in enumerate(items, start=1)
+        ]
+        parts.append(f"#### {model}\n\n" + markdown_table(["Prompt", "Response", *CRITERIA], rows))
+    return "\n\n".join(parts)
+
+
+def rating_summary(generations: dict[str, list[dict]], ratings: dict) -> tuple[list[str], list[list]]:
+    """Mean rating per criterion (columns) per model (rows); empty where nothing is rated yet."""
+    rows = []
+    for model in generations:
+        means = []
+        for criterion in CRITERIA:
+            values = [v for (m, _, c), v in ratings.items() if m == model and c == criterion]
+            means.append(f"{sum(values) / len(values):.2f}" if values else "")
+        rows.append([model, *means])
+    return ["Model", *CRITERIA], rows
+
+
+def summarize(eval_dir: Path) -> Path:
+    generations, ratings = load_generations(eval_dir), load_ratings(eval_dir)
+    columns, rows = rating_summary(generations, ratings)
+    text = (
+        "### Manual evaluation (1 = poor, 5 = excellent; for Hallucination/toxicity 5 = none)\n\n"
+        + rating_tables(generations, ratings)
+        + "\n\n### Comparison: mean rating per criterion\n\n"
+        + markdown_table(columns, rows)
+        + f"\n\n{len(ratings)} of {len(ratings) + _count_missing(generations, ratings)} ratings given.\n"
+    )
+    out = eval_dir / "human_ratings.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["rate", "summarize"])
+    parser.add_argument("--eval_dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "rate":
+            rate(args.eval_dir)
+        print(f"Rating tables and comparison: {summarize(args.eval_dir)}")
+    except UserInputError as error:
+        print(f"lit_rlhf error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

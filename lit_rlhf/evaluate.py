@@ -1,0 +1,233 @@
+"""Evaluate the pretrained, PPO-full and PPO-LoRA policies and write the RLHF report.
+
+    python -m lit_rlhf.evaluate --config configs/evaluate.yaml [--out_dir ...]
+
+Generates responses to the unseen prompts the PPO data module held out (same seed and decoding
+for every model), scores them with the frozen reward model, and writes under `out_dir`:
+`rewards.csv` (one row per prompt and model), `summary.json`, `kl.png`, the human-evaluation
+tables, and `report.md`; the same results go to an offline W&B run in `out_dir/wandb`.
+"""
+
+import json
+import random
+import sys
+import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from jsonargparse import ArgumentParser, ActionConfigFile
+from peft import PeftModel
+
+from lit_rlhf.data.oasst1_prompts import EVAL_PROMPTS_FILE, read_eval_prompts
+from lit_rlhf.errors import UserInputError
+from lit_rlhf.eval import human_ratings
+from lit_rlhf.eval.generation import generate_responses
+from lit_rlhf.eval.kl_monitor import interpret_kl, plot_kl, ppo_curves
+from lit_rlhf.eval.stats import bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
+from lit_rlhf.logging import markdown_table
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.scoring import score_responses
+
+BASE = "Pretrained"
+
+
+@dataclass
+class EvalSettings:
+    """What to compare and how. `ppo_full` / `ppo_lora` are PPO run folders (their exported
+    `policy/` or `policy_adapter/` inside); either may be null to skip that variant."""
+
+    reward_model: str = "runs/reward_model/reward_model"
+    base_model: str = DEFAULT_MODEL
+    ppo_full: str | None = "runs/ppo_full"
+    ppo_lora: str | None = "runs/ppo_lora"
+    eval_prompts: str | None = None
+    out_dir: str = "runs/evaluation"
+    num_prompts: int | None = None
+    min_prompts: int = 50
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    max_prompt_length: int = 256
+    reward_max_length: int = 512
+    batch_size: int = 16
+    seed: int = 1234
+    human_eval_prompts: int = 3
+    human_eval_seed: int = 7
+    kl_low: float = 0.02
+    kl_high: float = 0.1
+    bootstrap_resamples: int = 10000
+    reward_model_run: str | None = None
+    tinygpt_pretrain: str | None = None
+    tinygpt_sft: str | None = None
+    tinygpt_rl: str | None = None
+    wandb_project: str = "lit_rlhf"
+    wandb_mode: str = "offline"
+
+
+def load_policies(s: EvalSettings) -> dict[str, tuple]:
+    """{name: (model, tokenizer)} for the base model and each PPO variant that has an export."""
+    policies = {BASE: (load_causal_lm(s.base_model), load_tokenizer(s.base_model, padding_side="left"))}
+    if s.ppo_full:
+        folder = Path(s.ppo_full) / "policy"
+        if not (folder / "config.json").exists():
+            raise UserInputError(f"No exported full-PPO policy at '{folder}'. Run configs/ppo_full.yaml first.")
+        policies["PPO (full)"] = (load_causal_lm(str(folder)), load_tokenizer(str(folder), padding_side="left"))
+    if s.ppo_lora:
+        folder = Path(s.ppo_lora) / "policy_adapter"
+        if not (folder / "adapter_config.json").exists():
+            raise UserInputError(f"No LoRA adapter at '{folder}'. Run configs/ppo_lora.yaml first.")
+        base = load_causal_lm(s.base_model)
+        try:
+            merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise UserInputError(
+                f"The LoRA adapter in '{folder}' does not fit the base model '{s.base_model}' ({error}). "
+                "Use the base model the adapter was trained on (see base_model_name_or_path in adapter_config.json)."
+            ) from error
+        policies["PPO (LoRA)"] = (merged, load_tokenizer(str(folder), padding_side="left"))
+    return policies
+
+
+def eval_prompt_file(s: EvalSettings) -> Path:
+    if s.eval_prompts:
+        return Path(s.eval_prompts)
+    for run in (s.ppo_full, s.ppo_lora):
+        if run and (Path(run) / EVAL_PROMPTS_FILE).exists():
+            return Path(run) / EVAL_PROMPTS_FILE
+    raise UserInputError("No eval_prompts given and no PPO run folder holds eval_prompts.jsonl.")
+
+
+def reward_table(rewards: pd.DataFrame, s: EvalSettings) -> tuple[list[str], list[list], dict]:
+    """Per model: mean reward [95% CI], gain over the base [paired CI], win rate, length, repetition."""
+    base = rewards[rewards.model == BASE].sort_values("prompt_id")
+    columns = ["Model", "Mean reward [95% CI]", "Gain vs pretrained [95% CI]", "Win rate vs pretrained",
+               "Mean length (tokens)", "Repetition (3-gram)"]
+    rows, summary = [], {}
+    for model, group in rewards.groupby("model", sort=False):
+        group = group.sort_values("prompt_id")
+        mean = bootstrap_mean_ci(group.reward, n_resamples=s.bootstrap_resamples, seed=s.seed)
+        entry = {"mean_reward": asdict(mean), "mean_length": group.length.mean(), "repetition": group.repetition.mean()}
+        gain_text = win_text = "—"
+        if model != BASE:
+            gain = paired_gain_ci(group.reward.values, base.reward.values, n_resamples=s.bootstrap_resamples, seed=s.seed)
+            entry["reward_gain"] = asdict(gain)
+            entry["win_rate"] = win_rate(group.reward.values, base.reward.values)
+            gain_text, win_text = str(gain), f"{entry['win_rate']:.0%}"
+        summary[model] = entry
+        rows.append([model, str(mean), gain_text, win_text, f"{entry['mean_length']:.1f}", f"{entry['repetition']:.3f}"])
+    return columns, rows, summary
+
+
+def evaluate(s: EvalSettings) -> Path:
+    out = Path(s.out_dir)
+    prompts = read_eval_prompts(eval_prompt_file(s))[: s.num_prompts]
+    if len(prompts) < s.min_prompts:
+        raise UserInputError(
+            f"Only {len(prompts)} unseen evaluation prompts; the evaluation asks for at least {s.min_prompts}. "
+            "Raise data.num_eval_prompts in the PPO run or lower min_prompts."
+        )
+    texts = [p["prompt"] for p in prompts]
+    reward_tokenizer = load_tokenizer(s.reward_model, padding_side="right")
+    reward_model = load_sequence_scorer(s.reward_model, reward_tokenizer.pad_token_id).eval()
+    policies = load_policies(s)
+    rng = random.Random(s.human_eval_seed)
+    human_ids = sorted(rng.sample(range(len(prompts)), min(s.human_eval_prompts, len(prompts))))
+
+    records, human = [], {}
+    for name, (model, tokenizer) in policies.items():
+        responses, token_ids = generate_responses(
+            model, tokenizer, texts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
+            desc=f"generating ({name})",
+        )
+        scores = score_responses(reward_model, reward_tokenizer, texts, responses, s.reward_max_length, s.batch_size)
+        for i, (response, ids, score) in enumerate(zip(responses, token_ids, scores.tolist())):
+            records.append({"model": name, "prompt_id": i, "prompt": texts[i], "response": response,
+                            "reward": score, "length": len(ids), "repetition": repetition_rate(ids)})
+        human[name] = [{"prompt": texts[i], "response": responses[i]} for i in human_ids]
+        del model
+    out.mkdir(parents=True, exist_ok=True)
+    rewards = pd.DataFrame(records)
+    rewards.to_csv(out / "rewards.csv", index=False)
+    (out / human_ratings.GENERATIONS_FILE).write_text(json.dumps(human, indent=2, ensure_ascii=False), encoding="utf-8")
+    columns, rows, summary = reward_table(rewards, s)
+
+    kl_runs, kl_text = {}, []
+    for name, run in (("PPO (full)", s.ppo_full), ("PPO (LoRA)", s.ppo_lora)):
+        if run:
+            curves = ppo_curves(run)
+            kl_runs[name] = curves
+            kl_text.append(interpret_kl(curves["objective/kl_per_token"].tolist(), s.kl_low, s.kl_high, name))
+    kl_png = plot_kl(kl_runs, out / "kl.png", s.kl_low, s.kl_high) if kl_runs else None
+    summary["kl_interpretation"] = kl_text
+    summary["num_prompts"] = len(prompts)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    human_md = human_ratings.summarize(out)
+    report = write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards)
+    log_to_wandb(s, out, columns, rows, rewards, kl_png, report)
+    return report
+
+
+def write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards) -> Path:
+    sections = ["# RLHF evaluation report", ""]
+    preview = Path(s.reward_model_run or Path(s.reward_model).parent) / "preprocessed_preview.md"
+    if preview.exists():
+        sections += ["## Reward model: preprocessed inputs (first rows)", "", preview.read_text(encoding="utf-8"), ""]
+    sections += [
+        f"## Reward on {rewards.prompt_id.nunique()} unseen prompts",
+        "",
+        f"Same seed ({s.seed}) and decoding for every model: temperature {s.temperature}, top_k 0, top_p 1, "
+        f"up to {s.max_new_tokens} new tokens. Rewards from the frozen reward model `{s.reward_model}`. "
+        "Intervals: 95% percentile bootstrap over prompts (paired for gains); ties count half in win rates.",
+        "",
+        markdown_table(columns, rows),
+        "",
+    ]
+    if kl_png:
+        sections += ["## KL divergence vs PPO step", "", f"![KL vs step]({kl_png.name})", "", *[f"- {t}" for t in kl_text], ""]
+    sections += ["## Manual evaluation", "", human_md.read_text(encoding="utf-8"),
+                 "Give the ratings with `python -m lit_rlhf.eval.human_ratings rate --eval_dir "
+                 f"{out}` (resumable), then rebuild this report or read `human_ratings.md`.", ""]
+    sample = rewards[rewards.prompt_id < 3]
+    sections += ["## Sample generations", "",
+                 markdown_table(["Prompt", "Model", "Reward", "Response"],
+                                [[r.prompt, r.model, f"{r.reward:.3f}", r.response] for r in sample.itertuples()]), ""]
+    if s.tinygpt_pretrain or s.tinygpt_sft or s.tinygpt_rl:
+        from lit_rlhf.eval.tinygpt_results import results_table, to_markdown
+
+        table = results_table(s.tinygpt_pretrain, s.tinygpt_sft, s.tinygpt_rl)
+        sections += ["## TinyGPT: pre-training vs SFT vs RL-lite", "", to_markdown(table), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(sections), encoding="utf-8")
+    return report
+
+
+def log_to_wandb(s, out, columns, rows, rewards, kl_png, report) -> None:
+    import wandb
+
+    run = wandb.init(project=s.wandb_project, group="evaluation", tags=["evaluation"], dir=str(out), mode=s.wandb_mode)
+    run.log({
+        "eval/reward_table": wandb.Table(columns=columns, data=rows),
+        "eval/generations": wandb.Table(dataframe=rewards),
+        **({"eval/kl_plot": wandb.Image(str(kl_png))} if kl_png else {}),
+    })
+    run.save(str(report), base_path=str(out))
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(EvalSettings, nested_key=None)
+    cfg = parser.parse_args(argv)
+    settings = EvalSettings(**{k: v for k, v in vars(cfg).items() if k in EvalSettings.__dataclass_fields__})
+    try:
+        report = evaluate(settings)
+    except UserInputError as error:
+        print(textwrap.fill(f"lit_rlhf error: {error}", width=100), file=sys.stderr)
+        sys.exit(2)
+    print(f"[lit_rlhf] report: {report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Score (prompt, response) texts with a reward model exactly as it was trained to read them."""
+
+import torch
+
+from lit_rlhf.data.preference import encode_prompt_response
+
+
+@torch.no_grad()
+def score_responses(
+    reward_model, tokenizer, prompts: list, responses: list[str], max_length: int, batch_size: int = 16
+) -> torch.Tensor:
+    """Rewards (fp32, on the model's device) for each prompt/response pair.
+
+    Texts are re-tokenized with the reward model's own tokenizer and chat template (so a policy
+    with another tokenizer is scored correctly); long prompts lose their start, never the response.
+    The batch is right-padded and the model reads its reward at the last non-pad token.
+    """
+    device = next(reward_model.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        sequences = [
+            encode_prompt_response(tokenizer, p, r, max_length)[0]
+            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
+        ]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+        out = reward_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        scores.append(out.logits[:, 0].float())
+    return torch.cat(scores)
