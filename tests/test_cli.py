@@ -1,0 +1,66 @@
+"""Every YAML in configs/ parses; run outputs are placed under trainer.default_root_dir."""
+
+from pathlib import Path
+
+import pytest
+from jsonargparse import Namespace
+
+from lit_rlhf import pipeline
+from lit_rlhf.cli import main, place_outputs_under_root
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "evaluate.yaml")
+
+
+def test_there_is_a_config_per_stage():
+    names = {p.stem for p in STAGE_CONFIGS}
+    assert {"pretrain_tinygpt", "pretrain_tinygpt_large", "reward_model", "ppo_full", "ppo_lora"} <= names
+
+
+@pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: p.stem)
+def test_every_stage_config_prints(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: lit_rlhf." in printed and "default_root_dir: runs/" in printed
+    assert "WandbLogger" in printed and "CSVLogger" in printed
+
+
+def test_evaluate_config_prints(capsys):
+    from lit_rlhf import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--print_config"])
+    assert "reward_model: runs/reward_model/reward_model" in capsys.readouterr().out
+
+
+def test_outputs_are_placed_under_the_run_folder():
+    trainer = Namespace(
+        default_root_dir="runs/x",
+        logger=[
+            Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=".", name="csv")),
+            Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(project="p")),
+        ],
+        callbacks=[
+            Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(dirpath="checkpoints")),
+            Namespace(class_path="x.Abs", init_args=Namespace(dirpath="/abs/elsewhere")),
+        ],
+    )
+    place_outputs_under_root(trainer)
+    assert trainer.logger[0].init_args.save_dir == "runs/x"
+    assert trainer.logger[1].init_args.save_dir == "runs/x"
+    assert trainer.callbacks[0].init_args.dirpath == "runs/x/checkpoints"
+    assert trainer.callbacks[1].init_args.dirpath == "/abs/elsewhere"
+
+
+def test_pipeline_skips_finished_stages_and_feeds_outputs_by_path(tmp_path, capsys):
+    stages = pipeline.stages(tmp_path, "embedded:smollm2", "prefs.jsonl", "rows.jsonl", quick=False)
+    assert [s.name for s in stages] == ["reward_model", "ppo_full", "ppo_lora", "evaluation"]
+    reward_model = str(tmp_path / "reward_model" / "reward_model")
+    assert all(reward_model in s.command for s in stages[1:])
+    for stage in stages:
+        stage.output.parent.mkdir(parents=True, exist_ok=True)
+        stage.output.touch()
+        stage.run()  # would launch a training if the output were missing
+    assert capsys.readouterr().out.count("done already") == 4
