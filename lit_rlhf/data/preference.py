@@ -1,0 +1,458 @@
+"""Pairwise preference data for the reward model: Stanford Human Preferences (SHP) and any
+`prompt, chosen, rejected` files (e.g. oasst1 pairs from scripts/oasst1_to_pairs.py).
+
+Every pair is rendered through the tokenizer's chat template (prompt = user turn(s), response =
+assistant turn) exactly as the reward model, PPO and evaluation score text (`encode_prompt_response`).
+"""
+
+import math
+import re
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from lit_rlhf.data.splits import assign_splits
+from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
+from lit_rlhf.logging import log_table, markdown_table, run_dir
+
+SHP_HUB_ID = "stanfordnlp/SHP"
+SHP_FIELDS = (
+    "post_id", "domain", "upvote_ratio", "history", "c_root_id_A", "c_root_id_B", "created_at_utc_A",
+    "created_at_utc_B", "score_A", "score_B", "human_ref_A", "human_ref_B", "labels",
+    "seconds_difference", "score_ratio",
+)  # fmt: skip
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SPLITS = ("train", "validation", "test")
+PREVIEW_COLUMNS = ["input_chosen", "input_rejected"]
+_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|valid|validation|val|dev|test)(?:[_\-.]|$)")
+_SPLIT_NAMES = {"train": "train", "valid": "validation", "validation": "validation", "val": "validation",
+                "dev": "validation", "test": "test"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _split_of(file: Path) -> str | None:
+    match = _SPLIT_IN_NAME.search(file.stem.lower())
+    return _SPLIT_NAMES[match.group(1)] if match else None
+
+
+def read_preference_source(path: str):
+    """`{split: datasets.Dataset}` from a hub id, or a local JSON/JSONL/parquet file or folder.
+
+    Local split names come from the file names (`train.jsonl`, `askphysics/validation.json`, ...);
+    files without one form the `train` pool, which is split by `post_id` later.
+    """
+    from datasets import load_dataset
+
+    if not is_local_path(path):
+        try:
+            return dict(load_dataset(path))
+        except (ConnectionError, OSError, ValueError) as error:
+            raise hub_unreachable(
+                "dataset",
+                path,
+                error,
+                "Pass a local copy with --data.path <file or folder> (JSON/JSONL/parquet with SHP's fields "
+                "or with prompt, chosen, rejected columns), e.g. oasst1 pairs written by "
+                "scripts/oasst1_to_pairs.py.",
+            ) from error
+    root = require_existing(path, "data.path")
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.suffix in _FORMATS)
+    formats = {_FORMATS.get(f.suffix) for f in files}
+    if not files or None in formats or len(formats) > 1:
+        raise UserInputError(
+            f"data.path '{path}' must be a .json/.jsonl/.parquet file or a folder of such files in one "
+            f"format; found {[f.name for f in files][:5] or 'no such file'}."
+        )
+    by_split: dict[str, list[str]] = {}
+    for file in files:
+        by_split.setdefault(_split_of(file) or "train", []).append(str(file))
+    return dict(load_dataset(formats.pop(), data_files=by_split))
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising SHP and generic rows to one schema
+
+
+def _shp_row(row: dict, margin_from_score_ratio: float) -> dict:
+    a_preferred = int(row["labels"]) == 1
+    ratio = float(row["score_ratio"])
+    return {
+        "prompt": row["history"],
+        "chosen": row["human_ref_A"] if a_preferred else row["human_ref_B"],
+        "rejected": row["human_ref_B"] if a_preferred else row["human_ref_A"],
+        "post_id": str(row["post_id"]),
+        "domain": re.sub(r"_(train|validation|test)$", "", str(row["domain"])),
+        "score_ratio": ratio,
+        "margin": margin_from_score_ratio * math.log(ratio),
+    }
+
+
+def _generic_row(row: dict) -> dict:
+    prompt = row["prompt"]
+    post_id = row.get("post_id")
+    return {
+        "prompt": prompt,
+        "chosen": row["chosen"],
+        "rejected": row["rejected"],
+        # Without post ids, pairs of the same prompt stay together when splitting.
+        "post_id": str(post_id) if post_id is not None else str(prompt),
+        "domain": str(row.get("domain") or ""),
+        "score_ratio": float(row["score_ratio"]) if row.get("score_ratio") is not None else math.nan,
+        "margin": float(row.get("margin") or 0.0),
+    }
+
+
+def normalise(dataset, path: str, margin_from_score_ratio: float = 0.0):
+    """SHP rows or `prompt, chosen, rejected` rows -> prompt, chosen, rejected, post_id, domain,
+    score_ratio, margin (a per-pair margin for the loss; 0 unless asked for)."""
+    columns = set(dataset.column_names)
+    if set(SHP_FIELDS) <= columns:
+        fn, kind = partial(_shp_row, margin_from_score_ratio=margin_from_score_ratio), "SHP"
+    elif set(PAIR_FIELDS) <= columns:
+        fn, kind = _generic_row, "prompt/chosen/rejected"
+    else:
+        raise UserInputError(
+            f"data.path '{path}' has columns {sorted(columns)}, which are neither SHP's "
+            f"({', '.join(SHP_FIELDS)}) nor a generic preference file's (prompt, chosen, rejected). "
+            "Convert oasst1 message rows with scripts/oasst1_to_pairs.py."
+        )
+    return dataset.map(fn, remove_columns=dataset.column_names, desc=f"Reading {kind} pairs", keep_in_memory=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat-template encoding with left truncation of the prompt
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt string is one user turn; a list of {role, content} is a conversation so far."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
+    """(prompt text up to the assistant header, response text with its end-of-turn tokens)."""
+    messages = as_messages(prompt)
+    if tokenizer.chat_template is None:
+        raise UserInputError(
+            f"The tokenizer '{tokenizer.name_or_path}' has no chat template, so prompts and responses "
+            "cannot be rendered as user/assistant turns. Use an instruct model (e.g. SmolLM2-Instruct)."
+        )
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(head):
+        raise UserInputError(
+            f"The chat template of '{tokenizer.name_or_path}' does not render the prompt as a prefix of "
+            "prompt + response, so the response cannot be kept whole while truncating the prompt."
+        )
+    return head, full[len(head) :]
+
+
+def encode_prompt_response(
+    tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64
+) -> tuple[list[int], dict[str, bool]]:
+    """Token ids of prompt + response through the chat template, at most `max_length` long.
+
+    The response keeps its start: it is cut at its end only when it would leave fewer than
+    `min_prompt_tokens` for the prompt. The prompt is then cut from the *left* (system header and
+    older turns go first, the question's end and the assistant header stay).
+    """
+    if not 0 <= min_prompt_tokens < max_length:
+        raise UserInputError(f"min_prompt_tokens ({min_prompt_tokens}) must be in [0, max_length {max_length}).")
+    head, tail = render_prompt_response(tokenizer, prompt, response)
+    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    response_cut = len(response_ids) > max_length - min_prompt_tokens
+    response_ids = response_ids[: max_length - min_prompt_tokens]
+    budget = max_length - len(response_ids)
+    flags = {
+        "prompt_cut": len(prompt_ids) > budget,
+        "prompt_over_max_length": len(prompt_ids) > max_length,
+        "response_cut": response_cut,
+    }
+    if flags["prompt_cut"]:
+        prompt_ids = prompt_ids[len(prompt_ids) - budget :]
+    return prompt_ids + response_ids, flags
+
+
+def _encode_row(row: dict, tokenizer, max_length: int, min_prompt_tokens: int) -> dict:
+    encode = partial(
+        encode_prompt_response, tokenizer, row["prompt"], max_length=max_length, min_prompt_tokens=min_prompt_tokens
+    )
+    chosen, chosen_flags = encode(row["chosen"])
+    rejected, rejected_flags = encode(row["rejected"])
+    return {
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        **{key: chosen_flags[key] or rejected_flags[key] for key in chosen_flags},
+    }
+
+
+def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen then rejected sequences in ONE right-padded batch of 2B rows (one forward pass)."""
+    sequences = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
+    length = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
+        "score_ratio": torch.tensor([item["score_ratio"] for item in items], dtype=torch.float32),
+        "domain_id": torch.tensor([item["domain_id"] for item in items], dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The data module
+
+
+class SHPDataModule(LightningDataModule):
+    """Preference pairs for `RewardModel`: SHP (hub or local copy) or `prompt, chosen, rejected` files.
+
+    The schema is detected from the columns: SHP's fields (`labels` = 1 means A preferred), or
+    `prompt` (a string, or chat messages), `chosen`, `rejected` with optional `post_id`, `domain`,
+    `score_ratio`, `margin`. Pipeline, with a count printed for every skip:
+
+    1. splits: the source's own train/validation/test when present; missing ones are cut from the
+       train pool by a seeded split of `post_id` (no post in two splits);
+    2. filters: `domains`, `score_ratio >= min_score_ratio` (when the data has score ratios),
+       empty or identical responses (skipped), at most `max_pairs_per_post` per post (highest
+       score ratio first), then seeded subsets of `max_train_pairs` / `max_eval_pairs`;
+    3. encoding through the chat template, cut to `max_length` from the prompt's left
+       (`encode_prompt_response`); pairs identical after the cut are skipped;
+    4. before training, a preview of `preview_rows` encoded pairs (`input_chosen | input_rejected`)
+       to the console, W&B and `<run>/preprocessed_preview.md`.
+
+    Args:
+        path: hub id (default `stanfordnlp/SHP`) or a local file/folder.
+        tokenizer_name_or_path: defaults to the reward model's tokenizer (`model.tokenizer`).
+        margin_from_score_ratio: per-pair loss margin = this * log(score_ratio) (SHP only).
+    """
+
+    def __init__(
+        self,
+        path: str = SHP_HUB_ID,
+        tokenizer_name_or_path: str | None = None,
+        max_length: int = 512,
+        min_prompt_tokens: int = 64,
+        min_score_ratio: float | None = 2.0,
+        max_pairs_per_post: int | None = None,
+        domains: list[str] | None = None,
+        max_train_pairs: int | None = None,
+        max_eval_pairs: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        margin_from_score_ratio: float = 0.0,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        preview_rows: int = 5,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict = {}
+        self.domains: list[str] = []
+        self.tokenizer = None
+
+    # -- tokenizer ----------------------------------------------------------------------------
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            if self.hparams.tokenizer_name_or_path is not None:
+                from lit_rlhf.models.hf import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path)
+            else:
+                module = self.trainer.lightning_module if self.trainer is not None else None
+                self.tokenizer = getattr(module, "tokenizer", None)
+                if self.tokenizer is None:
+                    raise UserInputError(
+                        "SHPDataModule needs a tokenizer: set data.tokenizer_name_or_path or use it with "
+                        "a model that has a `tokenizer` (RewardModel)."
+                    )
+        return self.tokenizer
+
+    # -- pipeline -----------------------------------------------------------------------------
+
+    def _splits(self) -> dict:
+        hp = self.hparams
+        source = read_preference_source(hp.path)
+        splits = {split: normalise(ds, hp.path, hp.margin_from_score_ratio) for split, ds in source.items()}
+        unknown = set(splits) - set(SPLITS)
+        if unknown:
+            raise UserInputError(f"data.path '{hp.path}' has splits {sorted(unknown)}; expected {SPLITS}.")
+        missing = [s for s in ("validation", "test") if s not in splits]
+        if "train" in splits and missing:
+            pool = splits.pop("train")
+            shares = {s: hp.val_fraction if s == "validation" else hp.test_fraction for s in missing}
+            fractions = {"train": 1 - sum(shares.values()), **shares}
+            posts = list(pool["post_id"])
+            split_of = assign_splits(posts, fractions, hp.seed)
+            labels = [split_of[post] for post in posts]
+            for split in fractions:
+                indices = [i for i, label in enumerate(labels) if label == split]
+                splits[split] = pool.select(indices, keep_in_memory=True)
+            sizes = ", ".join(f"{s} {len(d)}" for s, d in splits.items())
+            print(f"[lit_rlhf] split '{hp.path}' by post_id (seed {hp.seed}): {sizes}")
+        return splits
+
+    def _filter(self, dataset, split: str) -> tuple:
+        hp = self.hparams
+        stats: Counter = Counter({"read": len(dataset)})
+
+        def keep(mask_fn, reason: str):
+            nonlocal dataset
+            before = len(dataset)
+            dataset = dataset.filter(mask_fn, keep_in_memory=True)
+            if before - len(dataset):
+                stats[f"skipped: {reason}"] += before - len(dataset)
+
+        if hp.domains:
+            if not any(dataset["domain"]):
+                raise UserInputError(f"data.domains is set but '{hp.path}' has no domain column.")
+            wanted = {d.lower() for d in hp.domains}
+            keep(lambda row: row["domain"].lower() in wanted, f"domain not in {sorted(wanted)}")
+        if hp.min_score_ratio is not None:
+            keep(lambda row: math.isnan(row["score_ratio"]) or row["score_ratio"] >= hp.min_score_ratio,
+                 f"score_ratio < {hp.min_score_ratio}")  # fmt: skip
+        keep(lambda row: bool(str(row["chosen"]).strip()) and bool(str(row["rejected"]).strip()), "empty response")
+        keep(lambda row: str(row["chosen"]).strip() != str(row["rejected"]).strip(), "identical responses")
+        if hp.max_pairs_per_post is not None:
+            ratios, posts = list(dataset["score_ratio"]), list(dataset["post_id"])
+            order = sorted(range(len(dataset)), key=lambda i: -_nan_to(ratios[i], 0.0))
+            seen: Counter = Counter()
+            kept = []
+            for i in order:
+                seen[posts[i]] += 1
+                if seen[posts[i]] <= hp.max_pairs_per_post:
+                    kept.append(i)
+            if len(kept) < len(dataset):
+                stats[f"skipped: over {hp.max_pairs_per_post} pairs per post"] += len(dataset) - len(kept)
+                dataset = dataset.select(sorted(kept), keep_in_memory=True)
+        limit = hp.max_train_pairs if split == "train" else hp.max_eval_pairs
+        if limit is not None and len(dataset) > limit:
+            stats[f"left out: subset of {limit}"] += len(dataset) - limit
+            dataset = dataset.shuffle(seed=hp.seed, keep_in_memory=True).select(range(limit), keep_in_memory=True)
+        return dataset, stats
+
+    def _encode(self, dataset, split: str, stats: Counter):
+        hp = self.hparams
+        tokenizer = self._tokenizer()
+        domain_ids = {name: i for i, name in enumerate(self.domains)}
+        dataset = dataset.map(
+            _encode_row,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": hp.max_length, "min_prompt_tokens": hp.min_prompt_tokens},
+            desc=f"Encoding {split} pairs",
+            keep_in_memory=True,
+        )
+        dataset = dataset.map(lambda row: {"domain_id": domain_ids.get(row["domain"], -1)}, keep_in_memory=True)
+        for flag, label in (("prompt_cut", "prompts cut from the left"),
+                            ("prompt_over_max_length", f"prompts alone longer than max_length {hp.max_length} (cut)"),
+                            ("response_cut", "responses cut at their end")):  # fmt: skip
+            if sum(dataset[flag]):
+                stats[label] = sum(dataset[flag])
+        before = len(dataset)
+        dataset = dataset.filter(lambda row: row["chosen_ids"] != row["rejected_ids"], keep_in_memory=True)
+        if before - len(dataset):
+            stats["skipped: identical after truncation"] = before - len(dataset)
+        return dataset
+
+    def prepare(self, splits: tuple[str, ...] = SPLITS) -> None:
+        """Read, filter and encode the requested splits into `self.datasets` (idempotent)."""
+        todo = [s for s in splits if s not in self.datasets]
+        if not todo:
+            return
+        raw = self._splits()
+        filtered = {}
+        for split in todo:
+            if split not in raw:
+                continue
+            dataset, stats = self._filter(raw[split], split)
+            if len(dataset) == 0:
+                raise UserInputError(
+                    f"No {split} pairs left in '{self.hparams.path}' after filtering ({_describe(stats)}). "
+                    "Loosen min_score_ratio / domains / max_pairs_per_post or check the file."
+                )
+            filtered[split] = (dataset, stats)
+        self.domains = sorted({d for ds in raw.values() for d in ds.unique("domain") if d})
+        for split, (dataset, stats) in filtered.items():
+            self.datasets[split] = self._encode(dataset, split, stats)
+            print(f"[lit_rlhf] {split}: {len(self.datasets[split])} pairs ({_describe(stats)})")
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(stage, SPLITS)
+        self.prepare(wanted)
+        for split in wanted:
+            if split not in self.datasets:
+                raise UserInputError(f"data.path '{self.hparams.path}' has no {split} split (stage '{stage}').")
+        if stage == "fit":
+            self.show_preview()
+
+    # -- preview ------------------------------------------------------------------------------
+
+    def preview_rows(self, split: str = "train") -> list[list[str]]:
+        """Encoded pairs spread over the split, decoded back to text: exactly what the model receives."""
+        tokenizer = self._tokenizer()
+        dataset = self.datasets[split]
+        n = min(self.hparams.preview_rows, len(dataset))
+        rows = dataset.select([i * len(dataset) // n for i in range(n)])
+        return [[tokenizer.decode(r["chosen_ids"]), tokenizer.decode(r["rejected_ids"])] for r in rows]
+
+    def show_preview(self) -> None:
+        rows = self.preview_rows()
+        if self.trainer is None:
+            print(markdown_table(PREVIEW_COLUMNS, rows))
+            return
+        log_table(self.trainer, "preview/reward_model_inputs", PREVIEW_COLUMNS, rows)
+        if self.trainer.is_global_zero:
+            out = run_dir(self.trainer) / "preprocessed_preview.md"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(
+                f"# Reward model inputs ({len(rows)} training pairs spread over the split, after the chat "
+                f"template and truncation to {self.hparams.max_length} tokens)\n\n"
+                f"{markdown_table(PREVIEW_COLUMNS, rows)}\n",
+                encoding="utf-8",
+            )
+
+    # -- loaders ------------------------------------------------------------------------------
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        columns = ["chosen_ids", "rejected_ids", "margin", "score_ratio", "domain_id"]
+        return DataLoader(
+            self.datasets[split].select_columns(columns),
+            batch_size=hp.batch_size if shuffle else hp.eval_batch_size or hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            collate_fn=partial(collate_pairs, pad_token_id=self._tokenizer().pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _nan_to(value: float, default: float) -> float:
+    return default if math.isnan(value) else value
+
+
+def _describe(stats: Counter) -> str:
+    return ", ".join(f"{key}: {value}" for key, value in stats.items()) or "nothing skipped"

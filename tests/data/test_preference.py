@@ -1,0 +1,156 @@
+"""SHPDataModule: SHP schema and generic pairs, splits, filters, chat-template truncation, preview."""
+
+import json
+
+import pytest
+from lightning.pytorch import Trainer
+from preference_fixtures import make_shp_folder, separable_pairs, shp_row, shp_rows, write_jsonl
+
+from lit_rlhf.data.preference import SHPDataModule, encode_prompt_response, render_prompt_response
+from lit_rlhf.errors import UserInputError
+from lit_rlhf.models.hf import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smol_tokenizer_dir):
+    return load_tokenizer(str(smol_tokenizer_dir))
+
+
+def datamodule(path, smol_tokenizer_dir, **kwargs) -> SHPDataModule:
+    kwargs.setdefault("min_score_ratio", None)
+    return SHPDataModule(str(path), tokenizer_name_or_path=str(smol_tokenizer_dir), **kwargs)
+
+
+def decoded(dm, split, key="chosen_ids"):
+    return [dm.tokenizer.decode(ids) for ids in dm.datasets[split][key]]
+
+
+def test_shp_folder_uses_its_own_splits_and_labels(tmp_path, smol_tokenizer_dir):
+    dm = datamodule(make_shp_folder(tmp_path / "shp"), smol_tokenizer_dir, max_length=128)
+    dm.prepare()
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 36, "validation": 12, "test": 12}
+    assert dm.domains == ["askculinary", "askphysics"]  # "_train" suffix stripped
+    # labels == 1 -> A preferred; the fixture's preferred comment is always the "Clear answer".
+    assert all("Clear answer" in text for text in decoded(dm, "train"))
+    assert all("no idea lol" in text for text in decoded(dm, "train", "rejected_ids"))
+    text = decoded(dm, "train")[0]
+    assert "<|im_start|>user\nPost " in text and "<|im_start|>assistant\nClear answer" in text
+
+
+def test_score_ratio_filter_pairs_per_post_domains_and_subset(tmp_path, smol_tokenizer_dir, capsys):
+    root = make_shp_folder(tmp_path / "shp", pairs_per_post=4)
+    dm = datamodule(root, smol_tokenizer_dir, min_score_ratio=2.0, max_pairs_per_post=2, domains=["askphysics"])
+    dm.prepare(("train",))
+    train = dm.datasets["train"]
+    assert min(train["score_ratio"]) >= 2.0
+    assert set(train["domain"]) == {"askphysics"}
+    posts = list(train["post_id"])
+    assert max(posts.count(p) for p in posts) <= 2
+    out = capsys.readouterr().out
+    assert "skipped: score_ratio < 2.0" in out and "skipped: domain not in" in out
+    dm = datamodule(root, smol_tokenizer_dir, max_train_pairs=10, seed=3)
+    dm.prepare(("train",))
+    assert len(dm.datasets["train"]) == 10
+
+
+def test_single_file_is_split_by_post_with_a_seed(tmp_path, smol_tokenizer_dir):
+    path = write_jsonl(tmp_path / "shp_all.jsonl", shp_rows("train", 20))
+    splits = []
+    for _ in range(2):
+        dm = datamodule(path, smol_tokenizer_dir, val_fraction=0.2, test_fraction=0.2, seed=1)
+        dm.prepare()
+        splits.append({s: set(d["post_id"]) for s, d in dm.datasets.items()})
+    assert splits[0] == splits[1]
+    train, val, test = splits[0]["train"], splits[0]["validation"], splits[0]["test"]
+    assert train and val and test and not (train & val or train & test or val & test)
+
+
+def test_generic_pairs_string_and_chat_prompts(tmp_path, smol_tokenizer_dir):
+    rows = separable_pairs(6)
+    rows[0]["prompt"] = "plain string prompt"
+    write_jsonl(tmp_path / "strings" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "strings" / "validation.jsonl", separable_pairs(2))
+    dm = datamodule(tmp_path / "strings", smol_tokenizer_dir)
+    dm.prepare(("train", "validation"))
+    assert "<|im_start|>user\nplain string prompt<|im_end|>" in decoded(dm, "train")[0]
+    chat = [
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Shorter please."}],
+         "chosen": "Hi.", "rejected": "Greetings to you, dear user."}
+    ]  # fmt: skip
+    dm = datamodule(write_jsonl(tmp_path / "chat" / "test.jsonl", chat), smol_tokenizer_dir)
+    dm.prepare(("test",))
+    text = decoded(dm, "test")[0]
+    assert "assistant\nHello!<|im_end|>" in text and text.endswith("<|im_start|>assistant\nHi.<|im_end|>\n")
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_response_start(tokenizer):
+    prompt = "START " + "filler words " * 300 + "END OF QUESTION?"
+    response = "The answer begins here and is short."
+    ids, flags = encode_prompt_response(tokenizer, prompt, response, max_length=64, min_prompt_tokens=16)
+    _, tail = render_prompt_response(tokenizer, prompt, response)
+    response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 64 and ids[-len(response_ids) :] == response_ids
+    text = tokenizer.decode(ids)
+    assert "START" not in text and "END OF QUESTION?<|im_end|>\n<|im_start|>assistant\nThe answer begins" in text
+    assert flags == {"prompt_cut": True, "prompt_over_max_length": True, "response_cut": False}
+    # A response longer than max_length - min_prompt_tokens keeps its start and loses its end.
+    ids, flags = encode_prompt_response(tokenizer, "Q?", "First words. " + "more " * 400, 96, min_prompt_tokens=32)
+    assert len(ids) <= 96 and flags["response_cut"] and not flags["prompt_cut"]
+    assert "Q?<|im_end|>\n<|im_start|>assistant\nFirst words." in tokenizer.decode(ids)
+
+
+def test_identical_and_empty_responses_are_skipped_with_a_count(tmp_path, smol_tokenizer_dir, capsys):
+    rows = separable_pairs(5) + [
+        {"prompt": "p", "chosen": "same answer", "rejected": " same answer "},
+        {"prompt": "p2", "chosen": "", "rejected": "x"},
+    ]
+    dm = datamodule(write_jsonl(tmp_path / "test.jsonl", rows), smol_tokenizer_dir)
+    dm.prepare(("test",))
+    assert len(dm.datasets["test"]) == 5
+    out = capsys.readouterr().out
+    assert "skipped: identical responses: 1" in out and "skipped: empty response: 1" in out
+
+
+def test_bad_input_raises_user_input_error(tmp_path, smol_tokenizer_dir):
+    missing = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UserInputError, match="neither SHP's"):
+        datamodule(missing, smol_tokenizer_dir).prepare()
+    no_history = write_jsonl(tmp_path / "shp_missing.jsonl", [{k: v for k, v in shp_row("p", 0, "askvet", "train", 3.0, True).items() if k != "history"}])
+    with pytest.raises(UserInputError, match="neither SHP's"):
+        datamodule(no_history, smol_tokenizer_dir).prepare()
+    low = write_jsonl(tmp_path / "low" / "train.jsonl", [shp_row("p", 0, "askvet", "train", 1.2, True)])
+    with pytest.raises(UserInputError, match="No train pairs left.*score_ratio < 2"):
+        datamodule(low, smol_tokenizer_dir, min_score_ratio=2.0).prepare(("train",))
+    with pytest.raises(UserInputError, match="does not exist"):
+        datamodule(tmp_path / "nope.jsonl", smol_tokenizer_dir).prepare()
+    with pytest.raises(UserInputError, match="offline.*--data.path"):
+        datamodule("stanfordnlp/SHP", smol_tokenizer_dir).prepare()
+    only_test = write_jsonl(tmp_path / "only" / "test.jsonl", separable_pairs(3))
+    with pytest.raises(UserInputError, match="no train split"):
+        datamodule(only_test, smol_tokenizer_dir).setup("fit")
+
+
+def test_preview_table_console_file_and_samples(tmp_path, smol_tokenizer_dir, capsys):
+    dm = datamodule(make_shp_folder(tmp_path / "shp"), smol_tokenizer_dir, max_length=96)
+    dm.trainer = Trainer(default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
+    dm.setup("fit")
+    preview = (tmp_path / "run" / "preprocessed_preview.md").read_text()
+    table_rows = [line for line in preview.splitlines() if line.startswith("| ")]
+    assert table_rows[0] == "| input_chosen | input_rejected |" and len(table_rows) >= 6
+    assert "<\\|im_start\\|>assistant⏎Clear answer" in preview
+    samples = (tmp_path / "run" / "samples" / "preview_reward_model_inputs.jsonl").read_text().splitlines()
+    assert len(samples) == 5 and set(json.loads(samples[0])) == {"step", "input_chosen", "input_rejected"}
+    assert "| input_chosen | input_rejected |" in capsys.readouterr().out
+
+
+def test_batches_put_chosen_and_rejected_in_one_padded_tensor(tmp_path, smol_tokenizer_dir):
+    dm = datamodule(make_shp_folder(tmp_path / "shp"), smol_tokenizer_dir, batch_size=4, max_length=96)
+    dm.prepare(("validation",))
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and batch["margin"].shape == (4,)
+    lengths = batch["attention_mask"].sum(1)
+    first = dm.datasets["validation"][0]
+    assert lengths[0] == len(first["chosen_ids"]) and lengths[4] == len(first["rejected_ids"])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == dm.tokenizer.pad_token_id).all()
+    assert batch["domain_id"].tolist()[0] in (0, 1) and batch["score_ratio"][0] > 1
