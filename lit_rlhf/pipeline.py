@@ -20,8 +20,8 @@ SAMPLES = Path(__file__).parent / "samples"
 
 # Small settings that show every stage working on 2 CPU cores in minutes (see README).
 QUICK_REWARD = ["--model.trainable_top_blocks", "2", "--model.optimizer.init_args.lr", "1e-4",
-                "--data.max_length", "256", "--data.min_score_ratio", "1.0", "--trainer.max_epochs", "2"]
-QUICK_PPO = ["--data.num_train_prompts", "32", "--data.num_eval_prompts", "50", "--data.batch_size", "16",
+                "--data.max_length", "192", "--data.min_score_ratio", "1.0", "--trainer.max_epochs", "1"]
+QUICK_PPO = ["--data.num_train_prompts", "16", "--data.num_eval_prompts", "50", "--data.batch_size", "8",
              "--data.max_prompt_length", "128", "--model.forward_batch_size", "8", "--model.max_new_tokens", "32",
              "--model.ppo_epochs", "2", "--trainer.max_epochs", "1"]
 QUICK_EVAL = ["--max_new_tokens", "48", "--batch_size", "25", "--bootstrap_resamples", "2000"]

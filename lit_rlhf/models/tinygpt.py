@@ -94,6 +94,25 @@ class TinyGPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
+    def sliding_logits(self, idx: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """Logits (B, L, vocab) for sequences longer than `block_size`, each position seeing the
+        context cropped as in `generate`: position t sees at least `block_size - stride` previous
+        tokens (stride 1: exactly generate()'s context, so sampled tokens can be scored on-policy).
+        Windows of `block_size` advance by `stride`; each one scores only its last `stride` positions.
+        """
+        B, L = idx.shape
+        block = self.config.block_size
+        if L <= block:
+            return self(idx)
+        if not 1 <= stride <= block:
+            raise ValueError(f"stride must be in [1, block_size={block}], got {stride}")
+        extra = -(-(L - block) // stride)  # windows after the first, ceil division
+        # right padding never changes earlier logits (causal attention); sliced off at the end
+        windows = F.pad(idx, (0, block + extra * stride - L)).unfold(1, block, stride)
+        logits = self(windows.reshape(-1, block)).view(B, extra + 1, block, -1)
+        tail = logits[:, 1:, -stride:].reshape(B, extra * stride, -1)
+        return torch.cat((logits[:, 0], tail), dim=1)[:, :L]
+
     @torch.no_grad()
     def generate(
         self,
@@ -103,12 +122,17 @@ class TinyGPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample continuations; the context is cropped to the last `block_size` tokens."""
+        """Sample continuations; the context is cropped to the last `block_size` tokens.
+        Temperature 0 decodes greedily (argmax)."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size :])[:, -1, :] / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
+            logits = self(idx[:, -self.config.block_size :])[:, -1, :]
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx

@@ -10,14 +10,40 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.char_tokenizer import CharTokenizer
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, require_existing
 from lit_rlhf.logging import log_table
 from lit_rlhf.models.tinygpt import TinyGPT, TinyGPTConfig
+
+# Hyper-parameters that fix the shape of a TinyGPT (with `vocab`); every TinyGPT-family module
+# (pretraining, SFT, RL-lite) stores them, so any of their checkpoints can start another stage.
+ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
+
+
+def read_tinygpt_checkpoint(path: str) -> tuple[list[str], dict, dict[str, torch.Tensor]]:
+    """Vocabulary, architecture and TinyGPT weights of a TinyGPT-family Lightning checkpoint, read
+    with `weights_only=True` (a checkpoint is data; loading it must not run code)."""
+    file = require_existing(path, "init_from")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors have no common base class
+        raise UserInputError(f"Could not read '{path}' as a Lightning checkpoint: {error}") from error
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if not hparams.get("vocab") or any(key not in hparams for key in ARCHITECTURE):
+        raise UserInputError(
+            f"'{path}' is not a TinyGPT checkpoint (no vocabulary/architecture in its hyper-parameters). "
+            "Pass a checkpoint written by the pretrain_tinygpt, sft_tinygpt or rl_lite stages."
+        )
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return list(hparams["vocab"]), {key: hparams[key] for key in ARCHITECTURE}, state
 
 
 class TinyGPTModule(LightningModule):
     """Next-character prediction. The vocabulary comes from the data module at `setup` and is
     stored in the checkpoint's hyper-parameters, so `load_from_checkpoint` can sample right away.
+
+    `init_from`: a TinyGPT-family checkpoint to start from; its vocabulary, architecture and weights
+    replace `vocab`/`block_size`/`n_layer`/`n_head`/`n_embd` (it is read only while `vocab` is unset,
+    so reloading this module's own checkpoint does not need the file any more).
     """
 
     def __init__(
@@ -32,6 +58,7 @@ class TinyGPTModule(LightningModule):
         sample_prompts: tuple[str, ...] = ("The ", "In 1990 , "),
         sample_chars: int = 120,
         sample_temperature: float = 0.8,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -39,7 +66,12 @@ class TinyGPTModule(LightningModule):
         self.model: TinyGPT | None = None
         self.val_loss = MeanMetric()
         self._last_batch_end: float | None = None
-        if vocab is not None:
+        if vocab is None and init_from is not None:
+            vocab, architecture, state = read_tinygpt_checkpoint(init_from)
+            self.hparams.update(architecture)
+            self._build(vocab)
+            self.model.load_state_dict(state)
+        elif vocab is not None:
             self._build(vocab)
 
     def _build(self, vocab: list[str]) -> None:
@@ -73,9 +105,10 @@ class TinyGPTModule(LightningModule):
         return self.model(idx)
 
     def _loss(self, batch) -> torch.Tensor:
-        x, y = batch
+        """Mean cross-entropy over the targets that are not `-100` (all of them in pretraining)."""
+        x, y = batch[0], batch[1]
         logits = self(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -95,7 +128,7 @@ class TinyGPTModule(LightningModule):
         self._last_batch_end = now
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.val_loss.update(self._loss(batch), weight=batch[0].numel())
+        self.val_loss.update(self._loss(batch), weight=(batch[1] != -100).sum())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -103,8 +136,11 @@ class TinyGPTModule(LightningModule):
         self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpc": loss / math.log(2)}, prog_bar=True)
         self._last_batch_end = None
         if not self.trainer.sanity_checking:
-            rows = [[p, s] for p, s in zip(self.hparams.sample_prompts, self.sample(self.hparams.sample_prompts))]
-            log_table(self.trainer, "samples/tinygpt", ["prompt", "completion"], rows)
+            self.log_samples()
+
+    def log_samples(self) -> None:
+        rows = [[p, s] for p, s in zip(self.hparams.sample_prompts, self.sample(self.hparams.sample_prompts))]
+        log_table(self.trainer, "samples/tinygpt", ["prompt", "completion"], rows)
 
     @torch.no_grad()
     def sample(self, prompts, max_new_chars: int | None = None, seed: int = 0) -> list[str]:

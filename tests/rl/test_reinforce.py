@@ -5,6 +5,7 @@ import torch
 
 from lit_rlhf.rl.reinforce import (
     keyword_length_reward,
+    keyword_progress,
     masked_mean,
     reinforce_loss,
     token_statistics,
@@ -30,6 +31,13 @@ def test_report_reward_values(text, expected):
 def test_reward_is_configurable():
     assert keyword_length_reward("a cat", keyword="CAT", target_len=5) == pytest.approx(1.0)
     assert keyword_length_reward("x" * 10, target_len=20, length_weight=1.0) == pytest.approx(-0.25)
+
+
+def test_partial_credit_for_keyword_prefixes():
+    assert [keyword_progress(t, "data") for t in ("xyz", "Dx", "a dance", "dated", "DATA")] == [0, 1, 2, 3, 4]
+    assert keyword_length_reward("a date" + "x" * 54, partial_credit=0.5) == pytest.approx(0.5 * 3 / 4)
+    assert keyword_length_reward("big data" + "x" * 52, partial_credit=0.5) == pytest.approx(1.0)
+    assert keyword_length_reward("a date" + "x" * 54) == 0.0  # the report's reward: no partial credit
 
 
 def test_token_statistics_by_hand():
