@@ -16,23 +16,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from lit_rlhf.errors import UserInputError, require_existing
+from lit_rlhf.errors import UserInputError
+from lit_rlhf.eval.runs import latest_version, read_metrics
 from lit_rlhf.logging import markdown_table
 
 COLUMNS = ["Method", "Final_Train_Loss", "Val_Loss", "Perplexity", "BLEU", "Keyword_Rate", "Notes"]
-
-
-def latest_version(run_dir: str | Path) -> Path:
-    """The newest `csv/version_N` folder of a run (a second run in the same folder adds version_N+1)."""
-    root = require_existing(str(run_dir), "run folder")
-    versions = [v for v in (root / "csv").glob("version_*") if (v / "metrics.csv").is_file()]
-    if not versions:
-        raise UserInputError(f"'{run_dir}' has no csv/version_*/metrics.csv: is it a trainer.default_root_dir?")
-    return max(versions, key=lambda v: int(v.name.split("_")[-1]))
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(latest_version(run_dir) / "metrics.csv")
 
 
 def read_hparams(run_dir: str | Path) -> dict:
