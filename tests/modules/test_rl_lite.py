@@ -2,6 +2,7 @@
 completions, and the keyword rate must rise within a few dozen steps."""
 
 import pandas as pd
+import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
@@ -14,6 +15,7 @@ from lit_rlhf.modules.tinygpt import read_tinygpt_checkpoint
 VOCAB = [UNK, "a", "d", "t"]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_keyword_rate_rises(tmp_path, tinygpt_checkpoint):
     ckpt = tinygpt_checkpoint(VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32)
     model = RLLiteModule(

@@ -19,6 +19,7 @@ TEXT = "".join(chr(ord("a") + i % 26) for i in range(6000))
 VOCAB = [UNK, *sorted(set(TEXT + "Instruction: \nAnswer: "))]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_sft_learns_answers_from_a_checkpoint(tmp_path, monkeypatch, tinygpt_checkpoint):
     monkeypatch.chdir(REPO)
     ckpt = tinygpt_checkpoint(VOCAB, block_size=32, n_embd=32, n_head=2)

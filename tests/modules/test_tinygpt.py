@@ -35,6 +35,7 @@ def fit(root, steps: int) -> None:
     )
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_fit_learns_reloads_samples_and_reruns(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     root = tmp_path / "run"
