@@ -92,10 +92,8 @@ class RLLiteModule(TinyGPTModule):
         stats, rewards_all, texts_all, rows = [], [], [], []
         for prompt in batch:
             seqs, mask, texts = self.sample_completions(prompt)
-            rewards = torch.tensor(
-                [keyword_length_reward(t, hp.keyword, hp.target_len, hp.length_weight, hp.partial_credit) for t in texts],
-                device=self.device,
-            )
+            reward_args = (hp.keyword, hp.target_len, hp.length_weight, hp.partial_credit)
+            rewards = torch.tensor([keyword_length_reward(t, *reward_args) for t in texts], device=self.device)
             baseline = self.baselines.get(prompt)
             advantages = rewards - (rewards.mean() if baseline is None else baseline)
             self.baselines[prompt] = update_baseline(baseline, rewards, hp.baseline_momentum)
