@@ -7,13 +7,13 @@ with several optimizers or manual optimization configure them the same way as th
 
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.callbacks import RandomStatePerRank
+from lit_rlhf.errors import UserInputError, as_paragraph
 
 # Loggers / callbacks whose output folder is placed under trainer.default_root_dir.
 _DIR_ARGS = {"save_dir", "dirpath"}
@@ -58,6 +58,7 @@ class LitRLHFCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [RandomStatePerRank()]},
             args=args,
             run=run,
         )
@@ -71,6 +72,11 @@ def main(args=None) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         LitRLHFCLI(args=args)
-    except UserInputError as error:
-        print(textwrap.fill(f"lit_rlhf error: {error}", width=100), file=sys.stderr)
+    except Exception as error:
+        cause = error  # jsonargparse wraps errors raised in a module's __init__ in its own
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(as_paragraph(cause), file=sys.stderr)
         sys.exit(2)

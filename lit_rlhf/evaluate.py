@@ -11,23 +11,30 @@ tables, and `report.md`; the same results go to an offline W&B run in `out_dir/w
 import json
 import random
 import sys
-import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from jsonargparse import ArgumentParser, ActionConfigFile
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors import SafetensorError
 
 from lit_rlhf.data.oasst1_prompts import EVAL_PROMPTS_FILE, read_eval_prompts
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import NonFiniteError, UserInputError, as_paragraph, reason
 from lit_rlhf.eval import human_ratings
 from lit_rlhf.eval.generation import generate_responses
 from lit_rlhf.eval.kl_monitor import interpret_kl, plot_kl, ppo_curves
 from lit_rlhf.eval.stats import bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
 from lit_rlhf.logging import markdown_table
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.hf import (
+    DEFAULT_MODEL,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    require_tokenizer_fits,
+)
 from lit_rlhf.models.scoring import score_responses
 
 BASE = "Pretrained"
@@ -77,16 +84,43 @@ def load_policies(s: EvalSettings) -> dict[str, tuple]:
         folder = Path(s.ppo_lora) / "policy_adapter"
         if not (folder / "adapter_config.json").exists():
             raise UserInputError(f"No LoRA adapter at '{folder}'. Run configs/ppo_lora.yaml first.")
-        base = load_causal_lm(s.base_model)
-        try:
-            merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise UserInputError(
-                f"The LoRA adapter in '{folder}' does not fit the base model '{s.base_model}' ({error}). "
-                "Use the base model the adapter was trained on (see base_model_name_or_path in adapter_config.json)."
-            ) from error
-        policies["PPO (LoRA)"] = (merged, load_tokenizer(str(folder), padding_side="left"))
+        policies["PPO (LoRA)"] = (load_lora_policy(s.base_model, folder), load_tokenizer(str(folder), padding_side="left"))
+    for name, (model, tokenizer) in policies.items():
+        require_tokenizer_fits(model, tokenizer, name)
     return policies
+
+
+def load_lora_policy(base_model: str, folder: Path):
+    """The base model with the PPO-LoRA adapter merged in.
+
+    PEFT loads adapter weights non-strictly: on a base model with fewer layers the extra adapter
+    tensors are dropped, with more layers some LoRA layers stay untrained, and neither is an error.
+    Here every adapter tensor must land and every LoRA layer must get one.
+    """
+    try:
+        saved = set(load_peft_weights(str(folder)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise UserInputError(
+            f"Could not read the LoRA adapter weights in '{folder}' ({reason(error)}): the file is truncated or "
+            "corrupt. Copy the folder again or re-run configs/ppo_lora.yaml."
+        ) from error
+    trained_on = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+    def mismatch(detail: str) -> UserInputError:
+        return UserInputError(
+            f"The LoRA adapter in '{folder}' does not fit the base model '{base_model}' ({detail}). Set base_model "
+            f"to the model the adapter was trained on ('{trained_on}', base_model_name_or_path in adapter_config.json)."
+        )
+
+    try:
+        model = PeftModel.from_pretrained(load_causal_lm(base_model), folder)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise mismatch(reason(error)) from error
+    loaded = set(get_peft_model_state_dict(model))
+    if saved != loaded:
+        raise mismatch(f"{len(saved - loaded)} adapter tensors have no place in it and {len(loaded - saved)} of its "
+                       "LoRA tensors are missing from the adapter")
+    return model.merge_and_unload()
 
 
 def eval_prompt_file(s: EvalSettings) -> Path:
@@ -96,6 +130,24 @@ def eval_prompt_file(s: EvalSettings) -> Path:
         if run and (Path(run) / EVAL_PROMPTS_FILE).exists():
             return Path(run) / EVAL_PROMPTS_FILE
     raise UserInputError("No eval_prompts given and no PPO run folder holds eval_prompts.jsonl.")
+
+
+def load_eval_prompts(s: EvalSettings) -> list[str]:
+    """The prompt texts, checked: a hand-edited or foreign file fails here, not after generation."""
+    file = eval_prompt_file(s)
+    try:
+        rows = read_eval_prompts(file)
+    except ValueError as error:  # a line that is not JSON
+        raise UserInputError(f"'{file}' is not a JSON-lines file ({reason(error)}). Fix the line or re-run PPO.") from error
+    texts = [row.get("prompt") if isinstance(row, dict) else None for row in rows]
+    bad = [i for i, text in enumerate(texts, 1) if not isinstance(text, str) or not text.strip()]
+    if bad:
+        raise UserInputError(
+            f"{len(bad)} rows of '{file}' (the first is row {bad[0]}) have no non-empty 'prompt' text. Evaluation "
+            'prompts are JSON lines {"prompt": ..., "message_id": ..., "message_tree_id": ...} as the PPO stage '
+            "writes them."
+        )
+    return texts[: s.num_prompts]
 
 
 def reward_table(rewards: pd.DataFrame, s: EvalSettings) -> tuple[list[str], list[list], dict]:
@@ -120,19 +172,22 @@ def reward_table(rewards: pd.DataFrame, s: EvalSettings) -> tuple[list[str], lis
 
 
 def evaluate(s: EvalSettings) -> Path:
+    """Every input is read and checked before the long generation, and `out_dir` is created only
+    once all rewards are in and finite: bad input leaves nothing half-written."""
     out = Path(s.out_dir)
-    prompts = read_eval_prompts(eval_prompt_file(s))[: s.num_prompts]
-    if len(prompts) < s.min_prompts:
+    texts = load_eval_prompts(s)
+    if len(texts) < s.min_prompts:
         raise UserInputError(
-            f"Only {len(prompts)} unseen evaluation prompts; the evaluation asks for at least {s.min_prompts}. "
+            f"Only {len(texts)} unseen evaluation prompts; the evaluation asks for at least {s.min_prompts}. "
             "Raise data.num_eval_prompts in the PPO run or lower min_prompts."
         )
-    texts = [p["prompt"] for p in prompts]
+    kl_runs = {name: ppo_curves(run) for name, run in (("PPO (full)", s.ppo_full), ("PPO (LoRA)", s.ppo_lora)) if run}
     reward_tokenizer = load_tokenizer(s.reward_model, padding_side="right")
-    reward_model = load_sequence_scorer(s.reward_model, reward_tokenizer.pad_token_id).eval()
+    reward_model = load_sequence_scorer(s.reward_model, reward_tokenizer.pad_token_id, trained_head=True).eval()
+    require_tokenizer_fits(reward_model, reward_tokenizer, f"the reward model '{s.reward_model}'")
     policies = load_policies(s)
     rng = random.Random(s.human_eval_seed)
-    human_ids = sorted(rng.sample(range(len(prompts)), min(s.human_eval_prompts, len(prompts))))
+    human_ids = sorted(rng.sample(range(len(texts)), min(s.human_eval_prompts, len(texts))))
 
     records, human = [], {}
     for name, (model, tokenizer) in policies.items():
@@ -141,6 +196,12 @@ def evaluate(s: EvalSettings) -> Path:
             desc=f"generating ({name})",
         )
         scores = score_responses(reward_model, reward_tokenizer, texts, responses, s.reward_max_length, s.batch_size)
+        if not torch.isfinite(scores).all():
+            raise NonFiniteError(
+                f"The reward model '{s.reward_model}' gave NaN/inf rewards to {int((~torch.isfinite(scores)).sum())} "
+                f"of the {len(scores)} responses of {name}: its weights are broken (a diverged reward-model run?). "
+                "Evaluate with the best reward-model export, or retrain it with a lower learning rate."
+            )
         for i, (response, ids, score) in enumerate(zip(responses, token_ids, scores.tolist())):
             records.append({"model": name, "prompt_id": i, "prompt": texts[i], "response": response,
                             "reward": score, "length": len(ids), "repetition": repetition_rate(ids)})
@@ -152,15 +213,10 @@ def evaluate(s: EvalSettings) -> Path:
     (out / human_ratings.GENERATIONS_FILE).write_text(json.dumps(human, indent=2, ensure_ascii=False), encoding="utf-8")
     columns, rows, summary = reward_table(rewards, s)
 
-    kl_runs, kl_text = {}, []
-    for name, run in (("PPO (full)", s.ppo_full), ("PPO (LoRA)", s.ppo_lora)):
-        if run:
-            curves = ppo_curves(run)
-            kl_runs[name] = curves
-            kl_text.append(interpret_kl(curves["objective/kl_per_token"].tolist(), s.kl_low, s.kl_high, name))
+    kl_text = [interpret_kl(c["objective/kl_per_token"].tolist(), s.kl_low, s.kl_high, name) for name, c in kl_runs.items()]
     kl_png = plot_kl(kl_runs, out / "kl.png", s.kl_low, s.kl_high) if kl_runs else None
     summary["kl_interpretation"] = kl_text
-    summary["num_prompts"] = len(prompts)
+    summary["num_prompts"] = len(texts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     human_md = human_ratings.summarize(out)
     report = write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards)
@@ -224,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = evaluate(settings)
     except UserInputError as error:
-        print(textwrap.fill(f"lit_rlhf error: {error}", width=100), file=sys.stderr)
+        print(as_paragraph(error), file=sys.stderr)
         sys.exit(2)
     print(f"[lit_rlhf] report: {report}")
 

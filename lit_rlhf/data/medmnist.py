@@ -5,6 +5,7 @@ training device once the trainer is known) and a batch is one indexing op; nothi
 PIL per sample as `medmnist`'s own `__getitem__` does.
 """
 
+import zipfile
 from pathlib import Path
 
 import medmnist
@@ -15,6 +16,7 @@ from medmnist import INFO
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.data.loaders import resumable_loader
 
 FLAGS = ("dermamnist", "chestmnist")
 SPLITS = ("train", "val", "test")
@@ -83,6 +85,12 @@ def load_split(flag: str, split: str, root: str | Path, size: int = 28, download
     dataset_class = getattr(medmnist, info["python_class"])
     try:
         dataset = dataset_class(split=split, root=str(folder), size=size, download=download)
+    except (KeyError, zipfile.BadZipFile, ValueError) as error:
+        raise UserInputError(
+            f"'{file}' is not a readable MedMNIST file: it should be an .npz holding the arrays "
+            f"'{split}_images' and '{split}_labels' ({type(error).__name__}: {error}). Replace it with the official "
+            f"{file.name} or write a stand-in with scripts/make_medmnist_standin.py."
+        ) from error
     except RuntimeError as error:
         raise UserInputError(
             f"Could not download MedMNIST '{file.name}' into '{folder.resolve()}' (the machine is probably "
@@ -202,7 +210,8 @@ class MedMNISTDataModule(LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _loader(self, dataset: InMemoryImages, train: bool) -> DataLoader:
-        return DataLoader(
+        loader = resumable_loader if train else DataLoader
+        return loader(
             dataset.to(self._device()),
             batch_size=self.hparams.batch_size,
             shuffle=train,

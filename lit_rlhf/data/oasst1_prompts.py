@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, chat_prompt_ids, load_tokenizer
+from lit_rlhf.data.loaders import resumable_loader
 
 EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
 
@@ -115,10 +116,9 @@ class OASST1PromptDataModule(LightningDataModule):
         return {"prompt": [i["prompt"] for i in items], "input_ids": [i["input_ids"] for i in items]}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return resumable_loader(
             self.train_prompts,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
             drop_last=len(self.train_prompts) >= self.hparams.batch_size,
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,

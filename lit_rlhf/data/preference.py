@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
 from lit_rlhf.logging import log_table, markdown_table, run_dir
+from lit_rlhf.data.loaders import resumable_loader
 
 SHP_HUB_ID = "stanfordnlp/SHP"
 SHP_FIELDS = (
@@ -432,7 +433,8 @@ class SHPDataModule(LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
         columns = ["chosen_ids", "rejected_ids", "margin", "score_ratio", "domain_id"]
-        return DataLoader(
+        loader = resumable_loader if shuffle else DataLoader
+        return loader(
             self.datasets[split].select_columns(columns),
             batch_size=hp.batch_size if shuffle else hp.eval_batch_size or hp.batch_size,
             shuffle=shuffle,

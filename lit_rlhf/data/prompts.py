@@ -5,6 +5,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.data.loaders import resumable_loader
 
 REPORT_PROMPTS = ("The future of AI ", "In this study, we ", "Recent advances in NLP")
 
@@ -36,4 +37,4 @@ class PromptsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each item (the prompt list) is already a batch
-        return DataLoader(RepeatedPrompts(self.hparams.prompts, self.hparams.steps_per_epoch), batch_size=None)
+        return resumable_loader(RepeatedPrompts(self.hparams.prompts, self.hparams.steps_per_epoch), None, shuffle=False)

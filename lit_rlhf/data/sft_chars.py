@@ -14,6 +14,7 @@ from lit_rlhf.data.char_tokenizer import CharTokenizer
 from lit_rlhf.data.text_sources import read_corpus
 from lit_rlhf.data.wikitext import split_train_val
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.data.loaders import resumable_loader
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets that carry no loss
 
@@ -154,10 +155,9 @@ class SFTCharsDataModule(LightningDataModule):
         self.val_set = SFTPairs(self.text, val, hp.k, self.tokenizer, prefixes)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return resumable_loader(
             self.train_set,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
             drop_last=len(self.train_set) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
         )

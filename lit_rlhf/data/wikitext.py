@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_rlhf.data.char_tokenizer import CharTokenizer
 from lit_rlhf.data.text_sources import read_corpus
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.data.loaders import resumable_loader
 
 
 class CharWindows(Dataset):
@@ -93,10 +94,9 @@ class WikiText2DataModule(LightningDataModule):
         self.val_set = CharWindows(self.tokenizer.encode(val), block)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return resumable_loader(
             self.train_set,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
             drop_last=True,
             num_workers=self.hparams.num_workers,
         )

@@ -12,7 +12,6 @@ import inspect
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from medmnist import INFO
 from torchvision.utils import save_image
 
 from lit_rlhf.data.medmnist import MedMNISTDataModule, to_signed_unit
-from lit_rlhf.errors import UserInputError, require_existing
+from lit_rlhf.errors import UserInputError, as_paragraph, load_checkpoint, require_existing
 from lit_rlhf.eval.gan_metrics import (
     DUPLICATE_SSIM,
     MEMORISATION_RATIO,
@@ -133,28 +132,46 @@ def analysis_markdown(m: dict, context: dict) -> str:
     return "\n".join(lines)
 
 
+def read_checkpoints(ckpt: Path, classifier_ckpt: Path) -> dict:
+    """The DCGAN checkpoint, after both files are checked to be what they are passed as (weights-only
+    loads; a checkpoint of another stage would otherwise fail deep inside `load_from_checkpoint`)."""
+    checkpoint = load_checkpoint(ckpt, "DCGAN checkpoint (--ckpt)")
+    if not {"latent_dim", "channels", "image_size"} <= set(checkpoint.get("hyper_parameters") or {}):
+        raise UserInputError(
+            f"--ckpt '{ckpt}' is not a DCGAN checkpoint (no latent_dim/channels/image_size in its hyper-parameters). "
+            "Pass a checkpoint from a DCGAN run's checkpoints/ folder (configs/dcgan_*.yaml)."
+        )
+    classifier = load_checkpoint(classifier_ckpt, "classifier checkpoint (--classifier)").get("hyper_parameters") or {}
+    if any(classifier.get(key) is None for key in ("channels", "num_classes", "multi_label", "feature_dim")):
+        raise UserInputError(
+            f"--classifier '{classifier_ckpt}' is not a MedMNISTClassifier checkpoint (no channels/num_classes/"
+            "feature_dim in its hyper-parameters). Pass a checkpoint of configs/medmnist_classifier.yaml."
+        )
+    return checkpoint
+
+
 def build_report(args) -> tuple[str, dict, dict, Path]:
-    ckpt = require_existing(args.ckpt, "DCGAN checkpoint (--ckpt)")
-    classifier_ckpt = require_existing(args.classifier, "classifier checkpoint (--classifier)")
+    ckpt, classifier_ckpt = Path(args.ckpt).expanduser(), Path(args.classifier).expanduser()
     if args.inception_weights:
         require_existing(args.inception_weights, "InceptionV3 weights (--inception-weights)")
     device = torch.device(args.device)
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoints(ckpt, classifier_ckpt)
     accepted = inspect.signature(MedMNISTDataModule).parameters
     data_hparams = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in accepted}
     if args.root:
         data_hparams["root"] = args.root
     if "flag" not in data_hparams:
         raise UserInputError(
-            f"'{ckpt}' holds no MedMNIST data module settings: is it a DCGAN checkpoint of this project?"
+            f"'{ckpt}' holds no MedMNIST data module settings (it was saved without its data module): pass the "
+            "checkpoint of a `python -m lit_rlhf fit` DCGAN run."
         )
     datamodule = MedMNISTDataModule(**data_hparams)
     if args.holdout_split in datamodule.hparams.train_splits:
         raise UserInputError(f"--holdout-split {args.holdout_split} was trained on; pick a split outside "
                              f"{list(datamodule.hparams.train_splits)}.")
 
-    model = DCGAN.load_from_checkpoint(ckpt, map_location=device).eval()
-    classifier = MedMNISTClassifier.load_from_checkpoint(classifier_ckpt, map_location=device).eval()
+    model = DCGAN.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
+    classifier = MedMNISTClassifier.load_from_checkpoint(classifier_ckpt, map_location=device, weights_only=True).eval()
     if classifier.hparams.channels != model.hparams.channels:
         raise UserInputError(f"The classifier takes {classifier.hparams.channels}-channel images, the DCGAN makes "
                              f"{model.hparams.channels}-channel ones: train the classifier on the same --data.flag.")
@@ -216,7 +233,7 @@ def main(argv=None) -> None:
     try:
         markdown, metrics, context, out = build_report(args)
     except UserInputError as error:
-        print(textwrap.fill(f"lit_rlhf error: {error}", width=100), file=sys.stderr)
+        print(as_paragraph(error), file=sys.stderr)
         sys.exit(2)
     print(markdown)
     print(f"[gan_report] wrote {out / 'gan_report.md'} and gan_metrics.json")

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.logging import markdown_table
 
 CRITERIA = ("Coherence", "Relevance", "Helpfulness", "Completeness", "Hallucination/toxicity")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             rate(args.eval_dir)
         print(f"Rating tables and comparison: {summarize(args.eval_dir)}")
     except UserInputError as error:
-        print(f"lit_rlhf error: {error}", file=sys.stderr)
+        print(as_paragraph(error), file=sys.stderr)
         sys.exit(2)
 
 

@@ -11,12 +11,13 @@ row of the run RL-lite started from (its `init_from`) the mean over its first `w
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.runs import latest_version, read_metrics
 from lit_rlhf.logging import markdown_table
 
@@ -157,7 +158,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--window", type=int, default=10, help="steps averaged for the start/end keyword rate")
     parser.add_argument("--wandb", action="store_true", help="also log the table to an offline W&B run in --out")
     args = parser.parse_args(argv)
-    table = results_table(args.pretrain, args.sft, args.rl, args.window)
+    try:
+        table = results_table(args.pretrain, args.sft, args.rl, args.window)
+    except UserInputError as error:
+        print(as_paragraph(error), file=sys.stderr)
+        sys.exit(2)
     if args.wandb:
         import wandb
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
+from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, reason, require_existing
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
@@ -94,12 +95,25 @@ def resolve_model_path(model_name_or_path: str) -> str:
 
 def _from_pretrained(loader, model_name_or_path: str, kind: str, **kwargs):
     path = resolve_model_path(model_name_or_path)
+    local = is_local_path(path)
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as error:
-        if is_local_path(path):
-            raise UserInputError(f"Could not load the {kind} from '{path}': {error}") from error
-        raise hub_unreachable(kind, path, error, _OFFLINE_HINT) from error
+        if not local:
+            raise hub_unreachable(kind, path, error, _OFFLINE_HINT) from error
+        raise _unreadable_folder(kind, path, error) from error
+    except (SafetensorError, ValueError, RuntimeError) as error:  # truncated weights, broken config, wrong shapes
+        if not local:
+            raise
+        raise _unreadable_folder(kind, path, error) from error
+
+
+def _unreadable_folder(kind: str, path: str, error: Exception) -> UserInputError:
+    return UserInputError(
+        f"Could not load the {kind} from the local folder '{path}' ({reason(error)}). A file in it is truncated "
+        "or corrupt (an interrupted export or copy: export or copy the folder again), or its config and "
+        "weights belong to different models."
+    )
 
 
 def load_tokenizer(
@@ -137,18 +151,43 @@ def load_sequence_scorer(
     pad_token_id: int,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    trained_head: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM with a scalar head (reward model / critic), read at the last non-pad token."""
-    model = _from_pretrained(
+    """A causal LM with a scalar head (reward model / critic), read at the last non-pad token.
+
+    A plain causal LM gets a freshly initialised head (what the reward-model stage trains);
+    `trained_head=True` refuses that, for the stages that score with a finished reward model: a
+    policy or base model passed there would score noise without a word.
+    """
+    model, info = _from_pretrained(
         AutoModelForSequenceClassification,
         model_name_or_path,
         "reward model",
         num_labels=1,
         trust_remote_code=trust_remote_code,
         dtype=dtype,
+        output_loading_info=True,
     )
+    if trained_head and info["missing_keys"]:
+        raise UserInputError(
+            f"'{model_name_or_path}' is not a trained reward model: it has no weights for "
+            f"{sorted(info['missing_keys'])[:3]} (a {', '.join(model.config.architectures or ['model'])}, e.g. a "
+            "policy or base model). Pass the reward_model/ folder exported by the reward-model stage."
+        )
     model.config.pad_token_id = pad_token_id
     return model
+
+
+def require_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Stop before a tokenizer of another model feeds ids past the embedding (an index error deep
+    inside the forward pass otherwise)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserInputError(
+            f"The tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding only {rows} rows: "
+            "the tokenizer belongs to another model. Keep each model folder's own tokenizer next to its "
+            "weights (a LoRA adapter must be loaded onto the base model it was trained on)."
+        )
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, max_length: int) -> tuple[list[int], str]:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.logging import run_dir
 from lit_rlhf.models.dcgan import Discriminator, Generator
 
@@ -127,6 +127,9 @@ class DCGAN(LightningModule):
             opt_g.step()
 
         stats = torch.stack([loss_d, loss_g, logits_real.sigmoid().mean(), logits_fake.sigmoid().mean()]).detach()
+        # after both updates: one host sync a step instead of one per loss
+        require_finite(f"({', '.join(STATS)})", stats, self.global_step,
+                       "Lower the learning rates (optimizer_g / optimizer_d) or use fp32 (trainer.precision: 32-true).")
         self.log_dict({f"train/{name}": value for name, value in zip(STATS, stats)}, prog_bar=True)
         self._epoch_sum += stats
         self._epoch_steps += 1

@@ -9,7 +9,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, require_finite
 
 
 def conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -116,6 +116,7 @@ class MedMNISTClassifier(LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self._loss(logits, labels)
+        require_finite("train/loss", loss, self.global_step)
         self.train_acc(logits, self._targets(labels))
         self.log_dict({"train/loss": loss, "train/acc": self.train_acc}, prog_bar=True)
         return loss

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -126,6 +126,8 @@ class PPOModule(LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
+        if isinstance(lora, dict):  # as stored in checkpoints (plain types load with weights_only=True)
+            lora = LoraSettings(**lora)
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only what training changes, see on_save_checkpoint
@@ -143,7 +145,7 @@ class PPOModule(LightningModule):
             self.ref_policy = None  # the reference is the policy with its adapters disabled
             self.policy = get_peft_model(policy, _lora_config(lora, "CAUSAL_LM"))
         self.reward_model = _freeze(
-            load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code)
+            load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code, trained_head=True)
         )
         critic = load_sequence_scorer(
             value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code
@@ -290,7 +292,7 @@ class PPOModule(LightningModule):
         rollout_seconds = time.perf_counter() - started
         mask = ro["mask"]
         kl = kl_estimate(ro["logprobs"], ro["ref_logprobs"], hp.kl_estimator) * mask
-        kl_per_token = masked_mean(kl, mask)
+        kl_per_token = masked_mean(kl, mask, sum_across=self._sum_across_ranks)
         if not (torch.isfinite(ro["scores"]).all() and torch.isfinite(kl_per_token)):
             raise NonFiniteError(
                 f"PPO iteration {batch_idx}: the reward model returned non-finite scores or the KL is "
@@ -300,11 +302,12 @@ class PPOModule(LightningModule):
         kl_coef = self.kl_controller.value
         rewards, non_score_reward = token_rewards(ro["scores"], kl, mask, kl_coef)
         if hp.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_across=self._sum_across_ranks)
         advantages, returns = gae(rewards, ro["values"], mask, hp.gamma, hp.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, sum_across=self._sum_across_ranks)
         stats = self._optimise(ro, advantages, returns)
-        self.kl_controller.update(kl_per_token.item(), n_steps=mask.size(0))
+        # the global KL and batch size: every rank takes the same controller step
+        self.kl_controller.update(kl_per_token.item(), n_steps=mask.size(0) * self.trainer.world_size)
 
         metrics = {
             "objective/kl": kl.sum(1).mean(),
@@ -320,11 +323,14 @@ class PPOModule(LightningModule):
             "time/iteration_s": torch.tensor(time.perf_counter() - started),
             **stats,
         }
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=mask.size(0))
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=mask.size(0), sync_dist=True)
         self.log("objective/scores_pb", metrics["objective/scores"], prog_bar=True, logger=False)
         if hp.sample_every_n_steps and self.trainer.fit_loop.epoch_loop._batches_that_stepped % hp.sample_every_n_steps == 0:
             rows = [[p, t, f"{s:.3f}"] for p, t, s in zip(batch["prompt"][:4], ro["texts"][:4], ro["scores"][:4].tolist())]
             log_table(self.trainer, "samples/ppo", ["prompt", "response", "score"], rows, echo=False)
+
+    def _sum_across_ranks(self, total: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(total, reduce_op="sum") if self.trainer.world_size > 1 else total
 
     def _optimise(self, ro: dict, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         hp = self.hparams
@@ -378,6 +384,9 @@ class PPOModule(LightningModule):
         trainable = {f"{name}" for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
+        lora = checkpoint["hyper_parameters"].get("lora")  # a dataclass or, from the CLI, a Namespace
+        if lora is not None and not isinstance(lora, dict):
+            checkpoint["hyper_parameters"]["lora"] = asdict(lora) if is_dataclass(lora) else lora.as_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_controller" in checkpoint:

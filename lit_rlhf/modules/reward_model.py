@@ -22,7 +22,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
 from lit_rlhf.logging import log_table
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer, load_tokenizer
 
@@ -140,14 +140,11 @@ class RewardModel(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, diff = self._pair_step(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss.item()} at step {self.global_step}: lower the learning rate or "
-                "use fp32 (trainer.precision: 32-true)."
-            )
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", (diff > 0).float().mean())
-        self.log("train/margin", diff.mean())
+        require_finite("train/loss", loss, self.global_step)
+        # sync_dist: under DDP the logged values are those of the global batch
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/accuracy", (diff > 0).float().mean(), sync_dist=True)
+        self.log("train/margin", diff.mean(), sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -234,7 +231,7 @@ class RewardModel(LightningModule):
         )  # fmt: skip
         info = {"source": self.hparams.model_name_or_path, "global_step": self.global_step}
         if best is not None:
-            state = torch.load(best.best_model_path, map_location=self.device, weights_only=False)["state_dict"]
+            state = load_checkpoint(best.best_model_path, "best val/loss checkpoint")["state_dict"]
             self.load_state_dict(state)
             info.update(checkpoint=best.best_model_path, best_val_loss=float(best.best_model_score))
         else:

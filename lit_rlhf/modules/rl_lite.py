@@ -5,7 +5,7 @@ import copy
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from lit_rlhf.errors import UserInputError
+from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.logging import log_table
 from lit_rlhf.modules.tinygpt import TinyGPTModule
 from lit_rlhf.rl.reinforce import (
@@ -107,8 +107,11 @@ class RLLiteModule(TinyGPTModule):
             texts_all += texts
             rows += [[prompt, t, f"{r:.3f}"] for t, r in zip(texts[:2], rewards[:2].tolist())]
         logprobs, advantages, mask, entropy, kl = (torch.cat(parts) for parts in zip(*stats))
-        loss = reinforce_loss(logprobs, advantages, mask, entropy, kl, hp.entropy_coef, hp.kl_coef)
         rewards = torch.cat(rewards_all)
+        require_finite("train/reward", rewards, self.global_step,
+                       "Check the reward settings (target_len, length_weight, partial_credit).")
+        loss = reinforce_loss(logprobs, advantages, mask, entropy, kl, hp.entropy_coef, hp.kl_coef)
+        require_finite("train/loss", loss, self.global_step)
         n = len(texts_all)
         self.log_dict(
             {

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.char_tokenizer import CharTokenizer
-from lit_rlhf.errors import UserInputError, require_existing
+from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
 from lit_rlhf.logging import log_table
 from lit_rlhf.models.tinygpt import TinyGPT, TinyGPTConfig
 
@@ -22,15 +22,12 @@ ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
 def read_tinygpt_checkpoint(path: str) -> tuple[list[str], dict, dict[str, torch.Tensor]]:
     """Vocabulary, architecture and TinyGPT weights of a TinyGPT-family Lightning checkpoint, read
     with `weights_only=True` (a checkpoint is data; loading it must not run code)."""
-    file = require_existing(path, "init_from")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors have no common base class
-        raise UserInputError(f"Could not read '{path}' as a Lightning checkpoint: {error}") from error
+    checkpoint = load_checkpoint(path, "init_from")
     hparams = checkpoint.get("hyper_parameters") or {}
     if not hparams.get("vocab") or any(key not in hparams for key in ARCHITECTURE):
+        writer = f"; it is a {hparams['_class_path']} checkpoint" if "_class_path" in hparams else ""
         raise UserInputError(
-            f"'{path}' is not a TinyGPT checkpoint (no vocabulary/architecture in its hyper-parameters). "
+            f"'{path}' is not a TinyGPT checkpoint (no vocabulary/architecture in its hyper-parameters{writer}). "
             "Pass a checkpoint written by the pretrain_tinygpt, sft_tinygpt or rl_lite stages."
         )
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
@@ -112,12 +109,8 @@ class TinyGPTModule(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss.item()} at step {self.global_step}: lower the learning rate or "
-                "use fp32 (trainer.precision: 32-true)."
-            )
-        self.log("train/loss", loss, prog_bar=True)
+        require_finite("train/loss", loss, self.global_step)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

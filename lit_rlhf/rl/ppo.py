@@ -4,6 +4,7 @@ Shapes: `(B, T)` over response tokens; `mask` is 1 on real response tokens (up t
 the first EOS) and 0 on padding. Names follow TRL's PPO trainer so curves compare one-to-one.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,24 +15,39 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
     return (values * mask).sum() if dim is None else (values * mask).sum(dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+# Sums a tensor over data-parallel ranks (an all-reduce); the identity on one device. Batch
+# statistics taken through it are those of the global batch, the same on every rank.
+SumAcrossRanks = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(total: torch.Tensor) -> torch.Tensor:
+    return total
+
+
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, sum_across: SumAcrossRanks = _local
+) -> torch.Tensor:
     if dim is None:
-        return masked_sum(values, mask) / mask.sum().clamp(min=1)
+        return sum_across(masked_sum(values, mask)) / sum_across(mask.sum()).clamp(min=1)
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    n = mask.sum()
+def masked_var(
+    values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, sum_across: SumAcrossRanks = _local
+) -> torch.Tensor:
+    mean = masked_mean(values, mask, sum_across=sum_across)
+    var = masked_mean((values - mean) ** 2, mask, sum_across=sum_across)
+    n = sum_across(mask.sum())
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_across: SumAcrossRanks = _local
+) -> torch.Tensor:
     """(x - mean) / std over the masked entries; padding stays 0 so it never leaks into losses."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = masked_mean(values, mask, sum_across=sum_across), masked_var(values, mask, sum_across=sum_across)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -51,7 +51,10 @@ def run_ppo(config: str, root: Path, policy: Path, reward: Path, data_root: Path
 
 def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root):
     policy, reward = parity_models
-    df = run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "7")
+    every_iteration = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+                       '{"dirpath": "checkpoints", "save_last": true, "save_top_k": 0, "every_n_train_steps": 8}}]')
+    df = run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "7",
+                 "--trainer.callbacks", every_iteration)
     scores = df["objective/scores"].tolist()
     assert sum(scores[-2:]) / 2 > scores[0] + 0.5, scores
     kl, coef = df["objective/kl_per_token"].tolist(), df["kl_coef"].tolist()
@@ -62,7 +65,7 @@ def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root
             "val/num_eos_tokens"} <= set(df.columns)
     assert (tmp_path / "eval_prompts.jsonl").exists()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
-    module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     for (name, a), b in zip(exported.state_dict().items(), module.policy.state_dict().values()):
         assert torch.equal(a, b), name
     expected = coef[-1] * (1 + min(max(kl[-1] / 0.05 - 1, -0.2), 0.2) * 16 / 50)  # after the last update
@@ -73,7 +76,7 @@ def test_lora_trains_only_adapters_and_reloads(tmp_path, parity_models, data_roo
     policy, reward = parity_models
     base_before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
     run_ppo("ppo_lora", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
-    module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.trainable_params["policy"] == sum(
         p.numel() for n, p in module.policy.named_parameters() if "lora_" in n
     ) > 0
