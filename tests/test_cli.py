@@ -64,3 +64,31 @@ def test_pipeline_skips_finished_stages_and_feeds_outputs_by_path(tmp_path, caps
         stage.output.touch()
         stage.run()  # would launch a training if the output were missing
     assert capsys.readouterr().out.count("done already") == 4
+
+
+@pytest.mark.parametrize("scale", sorted((REPO / "configs" / "scale").glob("*.yaml")), ids=lambda p: p.stem)
+def test_scale_overrides_stack_on_a_stage_and_build_their_strategy(scale, capsys):
+    """The GPU-node overrides parse on top of a stage, and their strategy can be constructed (this
+    machine has no GPU to run it): every class path in them imports."""
+    import importlib
+
+    import yaml
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/reward_model.yaml"), "--config", str(scale), "--print_config"])
+    assert "precision: bf16-mixed" in capsys.readouterr().out
+    strategy = yaml.safe_load(scale.read_text())["trainer"]["strategy"]
+    if isinstance(strategy, str):
+        assert strategy in StrategyRegistry
+        return
+
+    def load(path: str):
+        module, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    init_args = dict(strategy["init_args"])
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        init_args[key] = {load(path) for path in init_args[key]}
+    built = load(strategy["class_path"])(**init_args)
+    assert type(built).__name__ == "FSDPStrategy"
