@@ -1,6 +1,6 @@
 """Bad input, stage by stage: each case ends in one readable paragraph (UserInputError /
 NonFiniteError, exit code 2 from the command line) or a documented fallback, and leaves nothing
-half-written. One test per row of docs/bad_input_table.md; rows already covered elsewhere name
+half-written. One test per row of the README's "Bad input" table; rows already covered elsewhere name
 that test in the table instead."""
 
 import argparse
