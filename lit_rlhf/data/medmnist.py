@@ -15,8 +15,8 @@ from lightning.pytorch import LightningDataModule
 from medmnist import INFO
 from torch.utils.data import DataLoader, Dataset
 
-from lit_rlhf.errors import UserInputError
 from lit_rlhf.data.loaders import resumable_loader
+from lit_rlhf.errors import UserInputError
 
 FLAGS = ("dermamnist", "chestmnist")
 SPLITS = ("train", "val", "test")

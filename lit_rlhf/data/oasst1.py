@@ -7,24 +7,12 @@ humans (`rank` 0 = best), so each pair of ranked siblings is a real preference p
 
 from collections import Counter
 
-from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
+from lit_rlhf.data.files import local_table_files
+from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
 OASST1_FIELDS = ("message_id", "parent_id", "text", "role", "rank", "message_tree_id")
 _ROLES = {"prompter": "user", "assistant": "assistant"}
-_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def _local_files(path: str) -> tuple[str, list[str]]:
-    root = require_existing(path, "oasst1 path")
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.suffix in _SUFFIXES)
-    formats = {_SUFFIXES.get(f.suffix) for f in files}
-    if not files or None in formats or len(formats) > 1:
-        raise UserInputError(
-            f"'{path}' must be an oasst1 .jsonl/.json/.parquet file or a folder of such files (one "
-            f"format); found {[f.name for f in files][:5] or 'none'}."
-        )
-    return formats.pop(), [str(f) for f in files]
 
 
 def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
@@ -32,8 +20,8 @@ def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
     from datasets import concatenate_datasets, load_dataset
 
     if is_local_path(path):
-        builder, files = _local_files(path)
-        dataset = load_dataset(builder, data_files=files, split="train")
+        builder, files = local_table_files(path, "oasst1 path")
+        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
     else:
         try:
             splits = load_dataset(path)

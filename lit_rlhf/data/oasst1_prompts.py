@@ -8,10 +8,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, chat_prompt_ids, load_tokenizer
-from lit_rlhf.data.loaders import resumable_loader
 
 EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
 

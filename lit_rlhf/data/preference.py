@@ -15,10 +15,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data.splits import assign_splits
-from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
-from lit_rlhf.logging import log_table, markdown_table, run_dir
+from lit_rlhf.data.files import local_table_files
 from lit_rlhf.data.loaders import resumable_loader
+from lit_rlhf.data.splits import assign_splits
+from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
+from lit_rlhf.logging import log_table, markdown_table, run_dir
 
 SHP_HUB_ID = "stanfordnlp/SHP"
 SHP_FIELDS = (
@@ -29,7 +30,6 @@ SHP_FIELDS = (
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SPLITS = ("train", "validation", "test")
 PREVIEW_COLUMNS = ["input_chosen", "input_rejected"]
-_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|valid|validation|val|dev|test)(?:[_\-.]|$)")
 _SPLIT_NAMES = {"train": "train", "valid": "validation", "validation": "validation", "val": "validation",
                 "dev": "validation", "test": "test"}  # fmt: skip
@@ -64,18 +64,11 @@ def read_preference_source(path: str):
                 "or with prompt, chosen, rejected columns), e.g. oasst1 pairs written by "
                 "scripts/oasst1_to_pairs.py.",
             ) from error
-    root = require_existing(path, "data.path")
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.suffix in _FORMATS)
-    formats = {_FORMATS.get(f.suffix) for f in files}
-    if not files or None in formats or len(formats) > 1:
-        raise UserInputError(
-            f"data.path '{path}' must be a .json/.jsonl/.parquet file or a folder of such files in one "
-            f"format; found {[f.name for f in files][:5] or 'no such file'}."
-        )
+    builder, files = local_table_files(path, "data.path")
     by_split: dict[str, list[str]] = {}
     for file in files:
         by_split.setdefault(_split_of(file) or "train", []).append(str(file))
-    return dict(load_dataset(formats.pop(), data_files=by_split))
+    return dict(load_dataset(builder, data_files=by_split))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ completions itself, so an "epoch" is just `steps_per_epoch` optimisation steps."
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lit_rlhf.errors import UserInputError
 from lit_rlhf.data.loaders import resumable_loader
+from lit_rlhf.errors import UserInputError
 
 REPORT_PROMPTS = ("The future of AI ", "In this study, we ", "Recent advances in NLP")
 

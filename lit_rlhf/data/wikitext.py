@@ -7,9 +7,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.data.char_tokenizer import CharTokenizer
+from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.data.text_sources import read_corpus
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.data.loaders import resumable_loader
 
 
 class CharWindows(Dataset):
