@@ -233,6 +233,8 @@ class SHPDataModule(LightningDataModule):
         path: hub id (default `stanfordnlp/SHP`) or a local file/folder.
         tokenizer_name_or_path: defaults to the reward model's tokenizer (`model.tokenizer`).
         margin_from_score_ratio: per-pair loss margin = this * log(score_ratio) (SHP only).
+        group_by_length: training batches of pairs of similar length (less padding, same pairs
+            per epoch; `LengthGroupedShuffle`). Validation/test batches keep the file order.
     """
 
     def __init__(
@@ -251,6 +253,7 @@ class SHPDataModule(LightningDataModule):
         margin_from_score_ratio: float = 0.0,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
+        group_by_length: bool = True,
         num_workers: int = 0,
         preview_rows: int = 5,
         seed: int = 0,
@@ -426,13 +429,16 @@ class SHPDataModule(LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
         columns = ["chosen_ids", "rejected_ids", "margin", "score_ratio", "domain_id"]
-        loader = resumable_loader if shuffle else DataLoader
-        return loader(
-            self.datasets[split].select_columns(columns),
-            batch_size=hp.batch_size if shuffle else hp.eval_batch_size or hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            collate_fn=partial(collate_pairs, pad_token_id=self._tokenizer().pad_token_id),
+        dataset = self.datasets[split].select_columns(columns)
+        collate = partial(collate_pairs, pad_token_id=self._tokenizer().pad_token_id)
+        if not shuffle:
+            batch_size = hp.eval_batch_size or hp.batch_size
+            return DataLoader(dataset, batch_size=batch_size, num_workers=hp.num_workers, collate_fn=collate)
+        lengths = None
+        if hp.group_by_length:  # a batch is padded to its longest sequence, chosen or rejected
+            lengths = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+        return resumable_loader(
+            dataset, batch_size=hp.batch_size, lengths=lengths, num_workers=hp.num_workers, collate_fn=collate
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -222,11 +222,37 @@ class PPOModule(LightningModule):
         length = torch.where(has_eos, is_eos.float().argmax(1).long() + 1, full)
         return (torch.arange(responses.size(1), device=responses.device) < length.unsqueeze(1)).long(), has_eos
 
+    def _micro_batches(self, rows: torch.Tensor, attention: torch.Tensor, query_width: int):
+        """Split `rows` into micro-batches of similar length, each cut to the columns it uses.
+
+        Rows are sorted by real length, so a micro-batch of short prompts is not padded to the
+        longest prompt of the batch (length-grouped dynamic padding). Yields (rows, columns,
+        response_width): `columns` keeps the last left-padded query column onward and the response
+        columns up to the longest response in the micro-batch.
+        """
+        rows = rows[attention[rows].sum(1).argsort(descending=True, stable=True)]
+        for chunk in rows.split(self.hparams.forward_batch_size):
+            used = attention[chunk].amax(0).nonzero().squeeze(1)
+            first, last = int(used[0]), int(used[-1])
+            response_width = max(last + 1 - query_width, 1)
+            yield chunk, slice(min(first, query_width - 1), query_width + response_width), response_width
+
+    @staticmethod
+    def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(values, (0, width - values.size(1)))
+
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        """Generate responses and compute everything PPO needs about them, in micro-batches."""
+        """Generate responses and compute everything PPO needs about them, in micro-batches.
+
+        The policy's log-probs and entropy come from the logits `generate` already computed
+        (KV cache, eval mode), so the policy needs no second forward pass over the rollout.
+        """
         hp = self.hparams
-        queries, query_mask = self._left_pad(batch["input_ids"])
+        # longest prompts first: each generation micro-batch is padded to similar lengths only
+        order = sorted(range(len(batch["input_ids"])), key=lambda i: -len(batch["input_ids"][i]))
+        prompts = [batch["prompt"][i] for i in order]
+        queries, query_mask = self._left_pad([batch["input_ids"][i] for i in order])
         generation = GenerationConfig(
             do_sample=True,
             temperature=hp.temperature,
@@ -237,46 +263,51 @@ class PPOModule(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.policy.eval()
-        responses = []
+        responses, logits_per_chunk = [], []
         for q, m in zip(queries.split(hp.forward_batch_size), query_mask.split(hp.forward_batch_size)):
-            out = self.policy.generate(input_ids=q, attention_mask=m, generation_config=generation)
-            responses.append(out[:, q.size(1) :])
+            start = int(m.amax(0).nonzero()[0])  # drop the columns that are padding for the whole chunk
+            out = self.policy.generate(
+                input_ids=q[:, start:], attention_mask=m[:, start:], generation_config=generation,
+                return_dict_in_generate=True, output_logits=True,
+            )
+            responses.append(out.sequences[:, q.size(1) - start :])
+            logits_per_chunk.append(out.logits)
         width = max(r.size(1) for r in responses)
-        responses = torch.cat(
-            [torch.nn.functional.pad(r, (0, width - r.size(1)), value=self.tokenizer.pad_token_id) for r in responses]
-        )
+        responses = torch.cat([self._pad_to(r, width).masked_fill_(
+            torch.arange(width, device=r.device) >= r.size(1), self.tokenizer.pad_token_id) for r in responses])
         mask, has_eos = self._response_mask(responses)
         responses = responses.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         sequences = torch.cat([queries, responses], 1)
         attention = torch.cat([query_mask, mask], 1)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
 
-        logprobs, ref_logprobs, values, entropy, scores = [], [], [], [], []
-        for s, a, r, p, t in zip(
-            sequences.split(hp.forward_batch_size),
-            attention.split(hp.forward_batch_size),
-            responses.split(hp.forward_batch_size),
-            _chunks(batch["prompt"], hp.forward_batch_size),
-            _chunks(texts, hp.forward_batch_size),
-        ):
-            logits = self._response_logits(self.policy, s, a, width)
-            logprobs.append(logprobs_from_logits(logits, r))
-            entropy.append(entropy_from_logits(logits))
-            del logits
-            ref_logprobs.append(logprobs_from_logits(self._reference_logits(s, a, width), r))
-            values.append(self._values(s, a, width))
-            scores.append(self.score(p, t))
+        logprobs, entropy = [], []
+        for r, step_logits in zip(responses.split(hp.forward_batch_size), logits_per_chunk):
+            logits = torch.stack(step_logits, 1) / (hp.temperature + 1e-7)
+            logprobs.append(self._pad_to(logprobs_from_logits(logits, r[:, : logits.size(1)]), width))
+            entropy.append(self._pad_to(entropy_from_logits(logits), width))
+        del logits_per_chunk, logits
+        ref_logprobs, values = torch.zeros_like(mask, dtype=torch.float), torch.zeros_like(mask, dtype=torch.float)
+        all_rows = torch.arange(len(prompts), device=mask.device)
+        for rows, columns, response_width in self._micro_batches(all_rows, attention, queries.size(1)):
+            s, a = sequences[rows, columns], attention[rows, columns]
+            r = responses[rows, :response_width]
+            ref_logprobs[rows, :response_width] = logprobs_from_logits(self._reference_logits(s, a, response_width), r)
+            values[rows, :response_width] = self._values(s, a, response_width)
+        scores = self.score(prompts, texts)
         self.policy.train()
         rollout = {
             "sequences": sequences,
             "attention_mask": attention,
+            "query_width": queries.size(1),
             "responses": responses,
             "mask": mask.float(),
             "logprobs": torch.cat(logprobs),
-            "ref_logprobs": torch.cat(ref_logprobs),
-            "values": torch.cat(values),
+            "ref_logprobs": ref_logprobs,
+            "values": values,
             "entropy": torch.cat(entropy),
-            "scores": torch.cat(scores),
+            "scores": scores,
+            "prompts": prompts,
             "texts": texts,
             "has_eos": has_eos,
         }
@@ -326,7 +357,7 @@ class PPOModule(LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=mask.size(0), sync_dist=True)
         self.log("objective/scores_pb", metrics["objective/scores"], prog_bar=True, logger=False)
         if hp.sample_every_n_steps and self.trainer.fit_loop.epoch_loop._batches_that_stepped % hp.sample_every_n_steps == 0:
-            rows = [[p, t, f"{s:.3f}"] for p, t, s in zip(batch["prompt"][:4], ro["texts"][:4], ro["scores"][:4].tolist())]
+            rows = [[p, t, f"{s:.3f}"] for p, t, s in zip(ro["prompts"][:4], ro["texts"][:4], ro["scores"][:4].tolist())]
             log_table(self.trainer, "samples/ppo", ["prompt", "response", "score"], rows, echo=False)
 
     def _sum_across_ranks(self, total: torch.Tensor) -> torch.Tensor:
@@ -337,7 +368,6 @@ class PPOModule(LightningModule):
         opt_policy, opt_value = self.optimizers()
         batch = advantages.size(0)
         mini = hp.mini_batch_size or batch
-        width = ro["responses"].size(1)
         totals = {"policy/approxkl_avg": 0.0, "policy/clipfrac_avg": 0.0, "loss/policy_avg": 0.0,
                   "loss/value_avg": 0.0, "val/clipfrac_avg": 0.0, "val/ratio": 0.0}
         n_micro = 0
@@ -348,15 +378,19 @@ class PPOModule(LightningModule):
             for mini_idx in order.split(mini):
                 opt_policy.zero_grad()
                 opt_value.zero_grad()
-                for idx in mini_idx.split(hp.forward_batch_size):
+                for idx, columns, response_width in self._micro_batches(mini_idx, ro["attention_mask"], ro["query_width"]):
                     weight = len(idx) / len(mini_idx)
-                    seq, att, m = ro["sequences"][idx], ro["attention_mask"][idx], ro["mask"][idx]
-                    logits = self._response_logits(self.policy, seq, att, width)
-                    new_logprobs = logprobs_from_logits(logits, ro["responses"][idx])
+                    seq, att = ro["sequences"][idx, columns], ro["attention_mask"][idx, columns]
+                    m = ro["mask"][idx, :response_width]
+                    logits = self._response_logits(self.policy, seq, att, response_width)
+                    new_logprobs = logprobs_from_logits(logits, ro["responses"][idx, :response_width])
                     del logits
-                    pl = ppo_policy_loss(new_logprobs, ro["logprobs"][idx], advantages[idx], m, hp.clip_range)
-                    new_values = self._values(seq, att, width)
-                    vl, v_clipfrac = ppo_value_loss(new_values, ro["values"][idx], returns[idx], m, hp.clip_range_value)
+                    kept = (idx, slice(0, response_width))
+                    pl = ppo_policy_loss(new_logprobs, ro["logprobs"][kept], advantages[kept], m, hp.clip_range)
+                    new_values = self._values(seq, att, response_width)
+                    vl, v_clipfrac = ppo_value_loss(
+                        new_values, ro["values"][kept], returns[kept], m, hp.clip_range_value
+                    )
                     if not (torch.isfinite(pl.loss) and torch.isfinite(vl)):
                         raise NonFiniteError(
                             "PPO loss became NaN/inf: lower policy/value learning rates or max_grad_norm."
@@ -408,6 +442,3 @@ class PPOModule(LightningModule):
         print(f"[lit_rlhf] exported the trained policy to {folder}")
         return folder
 
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
