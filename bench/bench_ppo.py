@@ -56,6 +56,7 @@ def summary(run: dict) -> dict:
     seconds, tokens = sum(run["seconds"]), sum(run["tokens"])
     return {
         "s_per_iteration": seconds / len(run["seconds"]),
+        "rollout_s_per_iteration": sum(run["rollout_seconds"]) / len(run["rollout_seconds"]),
         "median_s_per_iteration": statistics.median(run["seconds"]),
         "tokens_per_s": tokens / seconds,
         "peak_rss_gb": run["peak_rss_gb"],
@@ -122,7 +123,8 @@ def main(argv=None) -> dict:
         print(
             f"[{variant}] s/iteration lit_rlhf {ours['s_per_iteration']:.1f} vs TRL {reference['s_per_iteration']:.1f} "
             f"-> ratio {entry['time_ratio']:.2f} (goal <= 0.7); tokens/s {ours['tokens_per_s']:.1f} vs "
-            f"{reference['tokens_per_s']:.1f}; peak RSS {ours['peak_rss_gb']:.2f} vs {reference['peak_rss_gb']:.2f} GB",
+            f"{reference['tokens_per_s']:.1f}; peak RSS {ours['peak_rss_gb']:.2f} vs {reference['peak_rss_gb']:.2f} GB; "
+            f"rollout part {ours['rollout_s_per_iteration']:.1f} vs {reference['rollout_s_per_iteration']:.1f} s",
             flush=True,
         )
         if "maths" in entry:

@@ -65,7 +65,7 @@ def run_lit(args, data: SHPDataModule, policy: str) -> tuple[float, float, float
     seed_everything(args.seed)
     module = RewardModel(
         model_name_or_path=policy,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0, fused=True),
         trainable_top_blocks=args.trainable_top_blocks,
     )
     times = StepTimes(args.warmup)

@@ -38,12 +38,13 @@ def run_lit(spec: dict) -> dict:
 
     seed_everything(spec["seed"])
     prompts = [json.loads(line) for line in Path(spec["prompts"]).read_text().splitlines()]
+    prompts = prompts[: spec["batch_size"] * spec["iterations"]]
     module = PPOModule(
         model_name_or_path=spec["policy"],
         reward_model_path=spec["reward_model"],
         lora=LoraSettings() if spec["variant"] == "lora" else None,
-        policy_optimizer=lambda p: torch.optim.AdamW(p, lr=spec["lr"], eps=1e-5, weight_decay=0.0),
-        value_optimizer=lambda p: torch.optim.AdamW(p, lr=spec["lr"], eps=1e-5, weight_decay=0.0),
+        policy_optimizer=lambda p: torch.optim.AdamW(p, lr=spec["lr"], eps=1e-5, weight_decay=0.0, fused=True),
+        value_optimizer=lambda p: torch.optim.AdamW(p, lr=spec["lr"], eps=1e-5, weight_decay=0.0, fused=True),
         forward_batch_size=spec["forward_batch_size"],
         ppo_epochs=spec["ppo_epochs"],
         max_new_tokens=spec["max_new_tokens"],
@@ -55,7 +56,7 @@ def run_lit(spec: dict) -> dict:
 
     class Timer(Callback):
         def __init__(self):
-            self.seconds, self.tokens, self.scores = [], [], []
+            self.seconds, self.tokens, self.scores, self.rollout_seconds = [], [], [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.start = time.perf_counter()
@@ -65,6 +66,7 @@ def run_lit(spec: dict) -> dict:
             metrics = trainer.callback_metrics
             self.tokens.append(float(metrics["val/response_length"]) * len(batch["prompt"]))
             self.scores.append(float(metrics["objective/scores"]))
+            self.rollout_seconds.append(float(metrics["time/rollout_s"]))
 
     timer = Timer()
     loader = DataLoader(prompts, batch_size=spec["batch_size"], shuffle=False, collate_fn=OASST1PromptDataModule.collate)
@@ -75,7 +77,8 @@ def run_lit(spec: dict) -> dict:
             callbacks=[timer], default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=loader)
-    return {"seconds": timer.seconds, "tokens": timer.tokens, "scores": timer.scores}
+    return {"seconds": timer.seconds, "tokens": timer.tokens, "scores": timer.scores,
+            "rollout_seconds": timer.rollout_seconds}
 
 
 def trl_objects(spec: dict):
@@ -88,6 +91,7 @@ def trl_objects(spec: dict):
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"], padding_side="left")
     tokenizer.pad_token = "<|endoftext|>"
     prompts = [json.loads(line) for line in Path(spec["prompts"]).read_text().splitlines()]
+    prompts = prompts[: spec["batch_size"] * spec["iterations"]]
     dataset = Dataset.from_dict({"input_ids": [p["input_ids"] for p in prompts]})
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=torch.float32)
@@ -140,15 +144,22 @@ def run_trl(spec: dict) -> dict:
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
     tokenizer, dataset, policy, value, reward, peft_config = trl_objects(spec)
-    tokens = []
-    generate = trl_ppo.batch_generation
+    tokens, rollout_started, rollout_seconds = [], [], []
+    generate, forward = trl_ppo.batch_generation, trl_ppo.forward
 
     def counting_generation(model, queries, *args, **kwargs):
+        rollout_started.append(time.perf_counter())
         query_responses, logits = generate(model, queries, *args, **kwargs)
         tokens.append(response_tokens(query_responses[:, queries.size(1) :], tokenizer.eos_token_id))
         return query_responses, logits
 
-    trl_ppo.batch_generation = counting_generation
+    def timed_forward(model, *args, **kwargs):
+        # the first policy+value forward of an iteration ends its rollout
+        if isinstance(model, trl_ppo.PolicyAndValueWrapper) and len(rollout_seconds) < len(rollout_started):
+            rollout_seconds.append(time.perf_counter() - rollout_started[-1])
+        return forward(model, *args, **kwargs)
+
+    trl_ppo.batch_generation, trl_ppo.forward = counting_generation, timed_forward
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -176,7 +187,8 @@ def run_trl(spec: dict) -> dict:
         # TRL times the first data-loader fetch and sets up in train(): start the clock there, as Lightning's
         timer.last = time.perf_counter()
         trainer.train()
-    return {"seconds": timer.seconds, "tokens": tokens, "scores": timer.scores}
+    return {"seconds": timer.seconds, "tokens": tokens, "scores": timer.scores, "rollout_seconds": rollout_seconds,
+            "optim": str(trainer.args.optim)}
 
 
 def run_maths(spec: dict) -> dict:
@@ -193,7 +205,8 @@ def run_maths(spec: dict) -> dict:
 
     from lit_rlhf.rl import ppo as ours
 
-    spec = {**spec, "iterations": 1, "forward_batch_size": spec["batch_size"]}
+    # responses long enough that some end with EOS, so TRL's p1 convention is exercised
+    spec = {**spec, "iterations": 1, "forward_batch_size": spec["batch_size"], "max_new_tokens": 96}
     tokenizer, dataset, policy, value, reward, peft_config = trl_objects(spec)
     dataset = dataset.select(range(spec["batch_size"]))
     seen: dict = {"get_reward": [], "log_softmax": []}
@@ -255,6 +268,7 @@ def run_maths(spec: dict) -> dict:
 
     return {
         "rows": int(mask.size(0)),
+        "rows_ending_with_eos": int((lengths < T).sum()),
         "response_tokens": int(mask.sum()),
         "max_abs_diff": {
             "gae_advantages": gap(advantages, raw_advantages, mask_p1),

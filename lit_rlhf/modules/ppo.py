@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lit_rlhf.errors import NonFiniteError, UserInputError
 from lit_rlhf.logging import log_table
@@ -80,6 +80,29 @@ def _save_atomically(folder: Path, save) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class SampledTokenStats(LogitsProcessor):
+    """Collects, while `generate` samples, each sampled token's log-prob and the entropy under the
+    sampling distribution (logits / temperature). The policy then needs no second forward pass over
+    its rollout, and only one step's (B, V) log-softmax is held at a time, never (B, T, V) logits.
+    It runs before `generate`'s own temperature warper, hence the division here."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.logprobs, self.entropy, self._last = temperature, [], [], None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:  # input_ids now ends with the token sampled from the last step
+            self.logprobs.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        logits = scores.float() / (self.temperature + 1e-7)
+        self._last = torch.log_softmax(logits, dim=-1)
+        self.entropy.append(entropy_from_logits(logits))
+        return scores
+
+    def result(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropy), each (B, generated tokens)."""
+        self.logprobs.append(self._last.gather(1, sequences[:, -1:]).squeeze(1))
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+
+
 class PPOModule(LightningModule):
     """Each training step is one PPO iteration: roll out a batch of prompts, score it, then run
     `ppo_epochs` passes of clipped policy/value updates over it in mini-batches.
@@ -90,7 +113,10 @@ class PPOModule(LightningModule):
         value_model_path: where the critic starts (default: the reward model).
         lora: LoRA settings for the policy; None trains all weights (the "full" variant).
         critic_lora: also put LoRA on the critic (its scalar head stays fully trainable).
-        forward_batch_size: micro-batch for generation and every forward pass.
+        forward_batch_size: micro-batch for every forward and backward pass.
+        generation_batch_size: prompts per `generate` call (default: the whole rollout batch).
+            Sampling a token costs about the same for 4 rows as for 64 on a CPU (overhead-bound),
+            and no (B, T, V) logits are kept, so larger is faster until memory runs out.
         mini_batch_size: prompts per optimizer step (default: the whole rollout batch).
         kl_target: per-token KL the adaptive controller steers to; None keeps `init_kl_coef` fixed.
         missing_eos_penalty: subtracted from the score of responses that never emit EOS.
@@ -106,6 +132,7 @@ class PPOModule(LightningModule):
         policy_optimizer: OptimizerCallable = torch.optim.AdamW,
         value_optimizer: OptimizerCallable = torch.optim.AdamW,
         forward_batch_size: int = 16,
+        generation_batch_size: int | None = None,
         mini_batch_size: int | None = None,
         ppo_epochs: int = 4,
         max_new_tokens: int = 128,
@@ -245,8 +272,8 @@ class PPOModule(LightningModule):
     def rollout(self, batch: dict) -> dict:
         """Generate responses and compute everything PPO needs about them, in micro-batches.
 
-        The policy's log-probs and entropy come from the logits `generate` already computed
-        (KV cache, eval mode), so the policy needs no second forward pass over the rollout.
+        The policy's log-probs and entropy are collected while `generate` samples (KV cache, eval
+        mode; `SampledTokenStats`), so the policy needs no second forward pass over the rollout.
         """
         hp = self.hparams
         # longest prompts first: each generation micro-batch is padded to similar lengths only
@@ -263,30 +290,29 @@ class PPOModule(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.policy.eval()
-        responses, logits_per_chunk = [], []
-        for q, m in zip(queries.split(hp.forward_batch_size), query_mask.split(hp.forward_batch_size)):
+        responses, logprobs, entropy = [], [], []
+        chunk = hp.generation_batch_size or len(prompts)
+        for q, m in zip(queries.split(chunk), query_mask.split(chunk)):
             start = int(m.amax(0).nonzero()[0])  # drop the columns that are padding for the whole chunk
+            stats = SampledTokenStats(hp.temperature)
             out = self.policy.generate(
                 input_ids=q[:, start:], attention_mask=m[:, start:], generation_config=generation,
-                return_dict_in_generate=True, output_logits=True,
+                logits_processor=LogitsProcessorList([stats]),
             )
-            responses.append(out.sequences[:, q.size(1) - start :])
-            logits_per_chunk.append(out.logits)
+            responses.append(out[:, q.size(1) - start :])
+            for values, kept in zip(stats.result(out), (logprobs, entropy)):
+                kept.append(values)
         width = max(r.size(1) for r in responses)
         responses = torch.cat([self._pad_to(r, width).masked_fill_(
             torch.arange(width, device=r.device) >= r.size(1), self.tokenizer.pad_token_id) for r in responses])
+        logprobs = torch.cat([self._pad_to(v, width) for v in logprobs])
+        entropy = torch.cat([self._pad_to(v, width) for v in entropy])
         mask, has_eos = self._response_mask(responses)
         responses = responses.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         sequences = torch.cat([queries, responses], 1)
         attention = torch.cat([query_mask, mask], 1)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
 
-        logprobs, entropy = [], []
-        for r, step_logits in zip(responses.split(hp.forward_batch_size), logits_per_chunk):
-            logits = torch.stack(step_logits, 1) / (hp.temperature + 1e-7)
-            logprobs.append(self._pad_to(logprobs_from_logits(logits, r[:, : logits.size(1)]), width))
-            entropy.append(self._pad_to(entropy_from_logits(logits), width))
-        del logits_per_chunk, logits
         ref_logprobs, values = torch.zeros_like(mask, dtype=torch.float), torch.zeros_like(mask, dtype=torch.float)
         all_rows = torch.arange(len(prompts), device=mask.device)
         for rows, columns, response_width in self._micro_batches(all_rows, attention, queries.size(1)):
@@ -302,10 +328,10 @@ class PPOModule(LightningModule):
             "query_width": queries.size(1),
             "responses": responses,
             "mask": mask.float(),
-            "logprobs": torch.cat(logprobs),
+            "logprobs": logprobs,
             "ref_logprobs": ref_logprobs,
             "values": values,
-            "entropy": torch.cat(entropy),
+            "entropy": entropy,
             "scores": scores,
             "prompts": prompts,
             "texts": texts,

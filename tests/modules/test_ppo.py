@@ -129,7 +129,7 @@ def test_rollout_reuses_generation_logits_and_micro_batching_keeps_the_gradient(
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert len({len(ids) for ids in batch["input_ids"]}) > 4  # prompts of many lengths: trimming matters
-    module.hparams.forward_batch_size = 5
+    module.hparams.forward_batch_size, module.hparams.generation_batch_size = 5, 6
     ro = module.rollout(batch)
     mask = ro["mask"]
     with torch.no_grad():
