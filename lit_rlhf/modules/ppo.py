@@ -265,8 +265,8 @@ class PPOModule(LightningModule):
             yield chunk, slice(min(first, query_width - 1), query_width + response_width), response_width
 
     @staticmethod
-    def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
-        return torch.nn.functional.pad(values, (0, width - values.size(1)))
+    def _pad_to(values: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
+        return torch.nn.functional.pad(values, (0, width - values.size(1)), value=value)
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
@@ -303,8 +303,7 @@ class PPOModule(LightningModule):
             for values, kept in zip(stats.result(out), (logprobs, entropy)):
                 kept.append(values)
         width = max(r.size(1) for r in responses)
-        responses = torch.cat([self._pad_to(r, width).masked_fill_(
-            torch.arange(width, device=r.device) >= r.size(1), self.tokenizer.pad_token_id) for r in responses])
+        responses = torch.cat([self._pad_to(r, width, self.tokenizer.pad_token_id) for r in responses])
         logprobs = torch.cat([self._pad_to(v, width) for v in logprobs])
         entropy = torch.cat([self._pad_to(v, width) for v in entropy])
         mask, has_eos = self._response_mask(responses)
