@@ -101,7 +101,7 @@ def test_ppo_two_ranks_share_kl_coef_and_save_once(tmp_path, smol_tokenizer_dir,
         "fit", "--config", "configs/ppo_full.yaml", *ddp(2), "--trainer.default_root_dir", str(root),
         "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
         "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
-        "--model.ppo_epochs", "2", "--model.kl_horizon", "50", "--data.path", str(data_root / "oasst1"),
+        "--model.ppo_epochs", "2", "--model.kl_horizon_fraction", "0.5", "--data.path", str(data_root / "oasst1"),
         "--data.tokenizer_name_or_path", str(policy), "--data.num_train_prompts", "32",
         "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48", "--data.batch_size", "8",
         "--trainer.max_epochs", "1",
@@ -109,12 +109,45 @@ def test_ppo_two_ranks_share_kl_coef_and_save_once(tmp_path, smol_tokenizer_dir,
     df = metrics(root)
     assert len(df) == 2  # 32 prompts / (2 ranks x 8)
     kl, coef = df["objective/kl_per_token"].tolist(), df["kl_coef"].tolist()
-    expected = coef[-1] * (1 + min(max(kl[-1] / 0.05 - 1, -0.2), 0.2) * 16 / 50)  # global batch of 16
+    # global batch of 16; horizon 0.5 x 32 rollout samples = 16
+    expected = coef[-1] * (1 + min(max(kl[-1] / 0.05 - 1, -0.2), 0.2) * 16 / 16)
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["kl_controller"]["value"] == pytest.approx(expected, rel=1e-5)
     assert len(checkpoint["callbacks"]) >= 1 and (root / "policy" / "config.json").is_file()
     assert len(list((root / "checkpoints").glob("*.ckpt"))) == 1
     assert len(json.loads((root / "eval_prompts.jsonl").read_text().splitlines()[0])["prompt"]) > 0
+
+
+def test_ppo_nan_score_on_one_rank_stops_every_rank(tmp_path, smol_tokenizer_dir, data_root):
+    """Rank 1's reward model returns NaN: both ranks must stop with the one-paragraph error (the
+    non-finite count is all-reduced before raising) instead of rank 0 waiting for rank 1 forever."""
+    policy = make_parity_policy(tmp_path / "policy", smol_tokenizer_dir)
+    reward = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        "import math, sys\n"
+        "from lit_rlhf.cli import main\n"
+        "from lit_rlhf.modules.ppo import PPOModule\n"
+        "real = PPOModule.score\n"
+        "def score(self, prompts, responses):\n"
+        "    scores = real(self, prompts, responses)\n"
+        "    return scores.fill_(math.nan) if self.global_rank == 1 else scores\n"
+        "PPOModule.score = score\n"
+        "main(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(script), "fit", "--config", "configs/ppo_full.yaml", *ddp(2),
+         "--trainer.default_root_dir", str(tmp_path / "run"), "--model.model_name_or_path", str(policy),
+         "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8", "--model.max_new_tokens", "4",
+         "--model.ppo_epochs", "1", "--data.path", str(data_root / "oasst1"), "--data.tokenizer_name_or_path",
+         str(policy), "--data.num_train_prompts", "16", "--data.num_eval_prompts", "8", "--data.max_prompt_length",
+         "48", "--data.batch_size", "8", "--trainer.max_epochs", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "non-finite scores" in result.stderr
+    assert not (tmp_path / "run" / "policy").exists()
 
 
 def test_dcgan_two_ranks(tmp_path):

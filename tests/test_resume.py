@@ -8,11 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import fsspec.implementations.local
 import pandas as pd
 import pytest
 import torch
 
+from lit_rlhf.checkpoint_io import StreamingCheckpointIO
 from lit_rlhf.cli import LitRLHFCLI
 from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
@@ -95,7 +95,7 @@ def test_ppo_resume_continues_kl_controller_rollouts_and_data_order(tmp_path, sm
                 "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(steps),
                 "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
                 "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
-                "--model.ppo_epochs", "2", "--model.kl_horizon", "50", "--model.policy_optimizer.init_args.lr", "1e-2",
+                "--model.ppo_epochs", "2", "--model.kl_horizon_fraction", "0.5", "--model.policy_optimizer.init_args.lr", "1e-2",
                 "--data.path", str(data_root / "oasst1"), "--data.tokenizer_name_or_path", str(policy),
                 "--data.num_train_prompts", "24", "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48",
                 "--data.batch_size", "8"]  # fmt: skip
@@ -117,8 +117,8 @@ def test_ppo_resume_continues_kl_controller_rollouts_and_data_order(tmp_path, sm
 
 
 def test_interrupted_save_leaves_the_previous_last_ckpt_intact(tmp_path, monkeypatch):
-    """Lightning writes checkpoints through an fsspec transaction (temp file, then rename); a crash
-    in the middle of writing must not leave a truncated last.ckpt behind."""
+    """Every stage writes checkpoints through lit_rlhf's StreamingCheckpointIO (temp file, then rename);
+    a crash in the middle of writing must not leave a truncated last.ckpt behind."""
     torch.set_num_threads(1)
     monkeypatch.chdir(REPO)
     args = tinygpt_args(tmp_path, 5)
@@ -127,12 +127,16 @@ def test_interrupted_save_leaves_the_previous_last_ckpt_intact(tmp_path, monkeyp
     last = tmp_path / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
 
-    def crash_mid_write(self, data):
-        self.f.write(data[: len(data) // 2])
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", crash_mid_write)
+    monkeypatch.setattr(torch, "save", crash_mid_write)
     with pytest.raises(OSError, match="simulated"):
         cli_run.trainer.save_checkpoint(last)
-    assert last.read_bytes() == before
+    assert isinstance(cli_run.trainer.strategy.checkpoint_io, StreamingCheckpointIO)
+    assert last.read_bytes() == before and os.listdir(last.parent) == ["last.ckpt"]
     assert torch.load(last, weights_only=True)["global_step"] == 5

@@ -4,6 +4,10 @@ One module, two configs: `lora: null` trains every policy weight and keeps a fro
 reference; with `lora` set, only the q_proj/v_proj adapters train and the reference is the same
 network with its adapters disabled (no second copy). The critic starts from the reward model.
 Metric names follow TRL's PPO trainer (`objective/kl`, `objective/scores`, `policy/approxkl_avg`...).
+
+Every model runs in eval mode, updates included (as TRL disables dropout): with dropout on in the
+updates and off in the rollout, the probability ratio at the first PPO step would not be 1, and
+clipping would fire on dropout noise. Hence LoRA here has no dropout setting.
 """
 
 import copy
@@ -20,6 +24,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from lit_rlhf.artifacts import reward_model_scoring
 from lit_rlhf.errors import NonFiniteError, UserInputError
 from lit_rlhf.logging import log_table
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
@@ -30,6 +35,7 @@ from lit_rlhf.rl.ppo import (
     entropy_from_logits,
     gae,
     kl_estimate,
+    kl_horizon_for_run,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -43,7 +49,6 @@ from lit_rlhf.rl.ppo import (
 class LoraSettings:
     r: int = 8
     alpha: int = 32
-    dropout: float = 0.2
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
 
@@ -51,7 +56,7 @@ def _lora_config(settings: LoraSettings, task_type: str) -> LoraConfig:
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
+        lora_dropout=0.0,
         target_modules=list(settings.target_modules),
         task_type=task_type,
     )
@@ -119,7 +124,11 @@ class PPOModule(LightningModule):
             and no (B, T, V) logits are kept, so larger is faster until memory runs out.
         mini_batch_size: prompts per optimizer step (default: the whole rollout batch).
         kl_target: per-token KL the adaptive controller steers to; None keeps `init_kl_coef` fixed.
+        kl_horizon_fraction: the controller's horizon as a share of the run's rollout samples
+            (`lit_rlhf.rl.ppo.kl_horizon_for_run`): 0.04 lets `kl_coef` double within 14% of the run.
         missing_eos_penalty: subtracted from the score of responses that never emit EOS.
+        reward_max_length: override of the max length the reward model was trained with (read
+            from its export record; an override that differs is printed as a warning).
     """
 
     def __init__(
@@ -141,14 +150,14 @@ class PPOModule(LightningModule):
         kl_estimator: str = "k1",
         init_kl_coef: float = 0.05,
         kl_target: float | None = 0.05,
-        kl_horizon: int = 10000,
+        kl_horizon_fraction: float = 0.04,
         gamma: float = 1.0,
         lam: float = 0.95,
         clip_range: float = 0.2,
         clip_range_value: float = 0.2,
         whiten_rewards: bool = False,
         max_grad_norm: float = 1.0,
-        reward_max_length: int = 512,
+        reward_max_length: int | None = None,
         sample_every_n_steps: int = 5,
         trust_remote_code: bool = False,
     ):
@@ -178,8 +187,16 @@ class PPOModule(LightningModule):
             value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code
         )
         self.critic = get_peft_model(critic, _lora_config(lora or LoraSettings(), "SEQ_CLS")) if critic_lora else critic
+        self.reward_scoring = reward_model_scoring(reward_model_path)
+        if reward_max_length is not None and reward_max_length != self.reward_scoring["max_length"]:
+            print(
+                f"[lit_rlhf] warning: scoring with reward_max_length {reward_max_length}, but the reward model "
+                f"was trained with max length {self.reward_scoring['max_length']} ({reward_model_path})."
+            )
+            self.reward_scoring["max_length"] = reward_max_length
+        # The horizon is set from the run's length in on_fit_start.
         self.kl_controller = (
-            AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
+            AdaptiveKLController(init_kl_coef, kl_target, 1)
             if kl_target is not None
             else FixedKLController(init_kl_coef, 0.0, 1)
         )
@@ -227,9 +244,10 @@ class PPOModule(LightningModule):
             return self._response_logits(self.policy, sequences, attention_mask, response_length)
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Scores read as the reward model was trained (max length, prompt budget from its export)."""
         return score_responses(
-            self.reward_model, self.reward_tokenizer, prompts, responses, self.hparams.reward_max_length,
-            self.hparams.forward_batch_size,
+            self.reward_model, self.reward_tokenizer, prompts, responses, self.reward_scoring["max_length"],
+            self.hparams.forward_batch_size, min_prompt_tokens=self.reward_scoring["min_prompt_tokens"],
         )
 
     # ---------------------------------------------------------------- rollout
@@ -268,6 +286,26 @@ class PPOModule(LightningModule):
     def _pad_to(values: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
         return torch.nn.functional.pad(values, (0, width - values.size(1)), value=value)
 
+    def generation_config(self) -> GenerationConfig:
+        """Pure sampling at `temperature`, with nothing taken from the model's own generation_config.
+
+        `generate` fills every field left unset from the model's `generation_config` (a repetition
+        penalty, top-k, ...), which the training forward pass would not apply: the rollout's
+        log-probs would then not be the policy's. Hence the model's config is replaced by this one.
+        """
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=self.hparams.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        model = self.policy.get_base_model() if isinstance(self.policy, PeftModel) else self.policy
+        model.generation_config = config
+        return config
+
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
         """Generate responses and compute everything PPO needs about them, in micro-batches.
@@ -280,16 +318,9 @@ class PPOModule(LightningModule):
         order = sorted(range(len(batch["input_ids"])), key=lambda i: -len(batch["input_ids"][i]))
         prompts = [batch["prompt"][i] for i in order]
         queries, query_mask = self._left_pad([batch["input_ids"][i] for i in order])
-        generation = GenerationConfig(
-            do_sample=True,
-            temperature=hp.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=hp.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        generation = self.generation_config()
         self.policy.eval()
+        self.critic.eval()
         responses, logprobs, entropy = [], [], []
         chunk = hp.generation_batch_size or len(prompts)
         for q, m in zip(queries.split(chunk), query_mask.split(chunk)):
@@ -320,7 +351,6 @@ class PPOModule(LightningModule):
             ref_logprobs[rows, :response_width] = logprobs_from_logits(self._reference_logits(s, a, response_width), r)
             values[rows, :response_width] = self._values(s, a, response_width)
         scores = self.score(prompts, texts)
-        self.policy.train()
         rollout = {
             "sequences": sequences,
             "attention_mask": attention,
@@ -349,7 +379,8 @@ class PPOModule(LightningModule):
         mask = ro["mask"]
         kl = kl_estimate(ro["logprobs"], ro["ref_logprobs"], hp.kl_estimator) * mask
         kl_per_token = masked_mean(kl, mask, sum_across=self._sum_across_ranks)
-        if not (torch.isfinite(ro["scores"]).all() and torch.isfinite(kl_per_token)):
+        non_finite = self._sum_across_ranks((~torch.isfinite(ro["scores"])).sum() + (~torch.isfinite(kl_per_token)))
+        if non_finite > 0:  # every rank sees the global count, so all stop together (no rank hangs)
             raise NonFiniteError(
                 f"PPO iteration {batch_idx}: the reward model returned non-finite scores or the KL is "
                 "non-finite. Check the reward model folder (reward_model_path) and lower the learning rate; "
@@ -363,7 +394,11 @@ class PPOModule(LightningModule):
         advantages = masked_whiten(advantages, mask, sum_across=self._sum_across_ranks)
         stats = self._optimise(ro, advantages, returns)
         # the global KL and batch size: every rank takes the same controller step
-        self.kl_controller.update(kl_per_token.item(), n_steps=mask.size(0) * self.trainer.world_size)
+        global_batch = mask.size(0) * self.trainer.world_size
+        self.kl_controller.horizon = kl_horizon_for_run(
+            self.trainer.estimated_stepping_batches * global_batch, hp.kl_horizon_fraction
+        )
+        self.kl_controller.update(kl_per_token.item(), n_steps=global_batch)
 
         metrics = {
             "objective/kl": kl.sum(1).mean(),
@@ -373,6 +408,7 @@ class PPOModule(LightningModule):
             "objective/rlhf_reward": (ro["scores"] + non_score_reward.sum(1)).mean(),
             "objective/scores": ro["scores"].mean(),
             "val/num_eos_tokens": ro["has_eos"].sum().float(),
+            "val/truncated_share": (~ro["has_eos"]).float().mean(),
             "val/response_length": mask.sum(1).mean(),
             "kl_coef": torch.tensor(kl_coef),
             "time/rollout_s": torch.tensor(rollout_seconds),
@@ -389,48 +425,60 @@ class PPOModule(LightningModule):
         return self.trainer.strategy.reduce(total, reduce_op="sum") if self.trainer.world_size > 1 else total
 
     def _optimise(self, ro: dict, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        """`ppo_epochs` passes of clipped updates in mini-batches, each accumulated over micro-batches.
+
+        The losses are sums over a micro-batch's tokens divided by the mini-batch's token count
+        (global under DDP, times the world size since DDP averages gradients): a token mean over
+        the mini-batch, the same for any `forward_batch_size`. Statistics are token-weighted means.
+        """
         hp = self.hparams
         opt_policy, opt_value = self.optimizers()
         batch = advantages.size(0)
         mini = hp.mini_batch_size or batch
         totals = {"policy/approxkl_avg": 0.0, "policy/clipfrac_avg": 0.0, "loss/policy_avg": 0.0,
                   "loss/value_avg": 0.0, "val/clipfrac_avg": 0.0, "val/ratio": 0.0}
-        n_micro = 0
-        self.policy.train()
-        self.critic.train()
+        n_mini = 0
+        self.policy.eval()  # no dropout, as in the rollout (see the module docstring)
+        self.critic.eval()
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(batch, device=advantages.device)
             for mini_idx in order.split(mini):
                 opt_policy.zero_grad()
                 opt_value.zero_grad()
+                local_tokens = ro["mask"][mini_idx].sum()
+                n_tokens = self._sum_across_ranks(local_tokens.clone()).clamp(min=1) / self.trainer.world_size
+                non_finite = torch.zeros((), device=advantages.device)
                 for idx, columns, response_width in self._micro_batches(mini_idx, ro["attention_mask"], ro["query_width"]):
-                    weight = len(idx) / len(mini_idx)
                     seq, att = ro["sequences"][idx, columns], ro["attention_mask"][idx, columns]
                     m = ro["mask"][idx, :response_width]
                     logits = self._response_logits(self.policy, seq, att, response_width)
                     new_logprobs = logprobs_from_logits(logits, ro["responses"][idx, :response_width])
                     del logits
                     kept = (idx, slice(0, response_width))
-                    pl = ppo_policy_loss(new_logprobs, ro["logprobs"][kept], advantages[kept], m, hp.clip_range)
+                    pl = ppo_policy_loss(
+                        new_logprobs, ro["logprobs"][kept], advantages[kept], m, hp.clip_range, n_tokens
+                    )
                     new_values = self._values(seq, att, response_width)
                     vl, v_clipfrac = ppo_value_loss(
-                        new_values, ro["values"][kept], returns[kept], m, hp.clip_range_value
+                        new_values, ro["values"][kept], returns[kept], m, hp.clip_range_value, n_tokens
                     )
-                    if not (torch.isfinite(pl.loss) and torch.isfinite(vl)):
-                        raise NonFiniteError(
-                            "PPO loss became NaN/inf: lower policy/value learning rates or max_grad_norm."
-                        )
-                    self.manual_backward((pl.loss + vl) * weight)
+                    loss = pl.loss + vl
+                    non_finite += ~torch.isfinite(loss.detach())
+                    self.manual_backward(loss)
+                    share = m.sum() / local_tokens.clamp(min=1)
+                    totals["loss/policy_avg"] += pl.loss.detach() * n_tokens / local_tokens.clamp(min=1)
+                    totals["loss/value_avg"] += vl.detach() * n_tokens / local_tokens.clamp(min=1)
                     for key, value in (("policy/approxkl_avg", pl.approxkl), ("policy/clipfrac_avg", pl.clipfrac),
-                                       ("loss/policy_avg", pl.loss), ("loss/value_avg", vl),
                                        ("val/clipfrac_avg", v_clipfrac), ("val/ratio", pl.ratio)):
-                        totals[key] += value.detach()
-                    n_micro += 1
+                        totals[key] += value.detach() * share
+                if self._sum_across_ranks(non_finite) > 0:  # all ranks stop together
+                    raise NonFiniteError("PPO loss became NaN/inf: lower policy/value learning rates or max_grad_norm.")
                 self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 self.clip_gradients(opt_value, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt_policy.step()
                 opt_value.step()
-        return {key: value / n_micro for key, value in totals.items()}
+                n_mini += 1
+        return {key: value / n_mini for key, value in totals.items()}
 
     def configure_optimizers(self):
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -35,7 +35,7 @@ def run_ppo(config: str, root: Path, policy: Path, reward: Path, data_root: Path
         "--model.max_new_tokens", "10",
         "--model.temperature", "1.0",
         "--model.ppo_epochs", "4",
-        "--model.kl_horizon", "50",
+        "--model.kl_horizon_fraction", "0.5",
         "--model.policy_optimizer.init_args.lr", "1e-2",
         "--model.value_optimizer.init_args.lr", "1e-3",
         "--data.path", str(data_root / "oasst1"),
@@ -69,7 +69,9 @@ def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root
     module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     for (name, a), b in zip(exported.state_dict().items(), module.policy.state_dict().values()):
         assert torch.equal(a, b), name
-    expected = coef[-1] * (1 + min(max(kl[-1] / 0.05 - 1, -0.2), 0.2) * 16 / 50)  # after the last update
+    # horizon: 0.5 x the run's 7 x 16 rollout samples = 56
+    expected = coef[-1] * (1 + min(max(kl[-1] / 0.05 - 1, -0.2), 0.2) * 16 / 56)  # after the last update
+    assert module.kl_controller.horizon == 56
     assert module.kl_controller.value == pytest.approx(expected, rel=1e-4)
 
 
@@ -114,56 +116,123 @@ def test_response_mask_finds_first_eos_when_pad_equals_eos(parity_models):
     assert has_eos.tolist() == [True, True, False]
 
 
-def test_rollout_reuses_generation_logits_and_micro_batching_keeps_the_gradient(parity_models, data_root):
-    """The rollout's log-probs come from `generate`'s logits and the forward passes run on
-    length-grouped, trimmed micro-batches: both must give what one plain forward pass gives."""
-    from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule
-    from lit_rlhf.rl.ppo import gae, kl_estimate, logprobs_from_logits, masked_whiten, token_rewards
+class GradientCapture:
+    """Stands in for an optimizer: records the gradient at `step` and changes no weight."""
 
-    policy, reward = parity_models
-    torch.manual_seed(0)
-    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), forward_batch_size=16,
-                       max_new_tokens=10, temperature=1.0, ppo_epochs=1)
-    data = OASST1PromptDataModule(path=str(data_root / "oasst1"), tokenizer_name_or_path=str(policy),
-                                  num_train_prompts=16, num_eval_prompts=8, max_prompt_length=48, batch_size=16)
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    assert len({len(ids) for ids in batch["input_ids"]}) > 4  # prompts of many lengths: trimming matters
-    module.hparams.forward_batch_size, module.hparams.generation_batch_size = 5, 6
-    ro = module.rollout(batch)
-    mask = ro["mask"]
-    with torch.no_grad():
-        module.policy.eval()
-        plain = logprobs_from_logits(
-            module._response_logits(module.policy, ro["sequences"], ro["attention_mask"], mask.size(1)), ro["responses"]
-        )
-        values = module._values(ro["sequences"], ro["attention_mask"], mask.size(1))
-    assert torch.allclose(ro["logprobs"] * mask, plain * mask, atol=1e-4)
-    assert torch.allclose(ro["ref_logprobs"] * mask, plain * mask, atol=1e-4)  # full variant: ref = policy at start
-    assert torch.allclose(ro["values"] * mask, values * mask, atol=1e-5)
-    single = torch.cat([module.score([p], [t]) for p, t in zip(ro["prompts"], ro["texts"])])
-    assert torch.allclose(ro["scores"], single, atol=1e-5)
+    def __init__(self, params):
+        self.params = list(params)
 
-    kl = kl_estimate(ro["logprobs"], ro["ref_logprobs"]) * mask
-    advantages, returns = gae(token_rewards(ro["scores"], kl, mask, 0.05)[0], ro["values"], mask, 1.0, 0.95)
-    advantages = masked_whiten(advantages, mask)
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
 
-    class GradientCapture:
-        def __init__(self, params):
-            self.params = list(params)
+    def step(self):
+        self.grads = torch.cat([p.grad.flatten() for p in self.params])
 
-        def zero_grad(self):
-            for p in self.params:
-                p.grad = None
 
-        def step(self):
-            self.grads = torch.cat([p.grad.flatten() for p in self.params])
+def updates_without_steps(module: PPOModule) -> tuple[GradientCapture, GradientCapture]:
+    """Let `_optimise` run outside `fit`: a trainer for the rank reductions, optimizers that only record."""
+    from lightning.pytorch import Trainer
 
+    module.trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     policy_opt = GradientCapture(p for p in module.policy.parameters() if p.requires_grad)
     value_opt = GradientCapture(p for p in module.critic.parameters() if p.requires_grad)
     module.optimizers = lambda: (policy_opt, value_opt)
     module.manual_backward = lambda loss: loss.backward()
     module.clip_gradients = lambda *args, **kwargs: None
+    return policy_opt, value_opt
+
+
+def prompt_batch(policy, data_root, n: int = 16) -> dict:
+    from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule
+
+    data = OASST1PromptDataModule(path=str(data_root / "oasst1"), tokenizer_name_or_path=str(policy),
+                                  num_train_prompts=n, num_eval_prompts=8, max_prompt_length=48, batch_size=n)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def advantages_and_returns(ro: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    from lit_rlhf.rl.ppo import gae, kl_estimate, masked_whiten, token_rewards
+
+    mask = ro["mask"]
+    kl = kl_estimate(ro["logprobs"], ro["ref_logprobs"]) * mask
+    advantages, returns = gae(token_rewards(ro["scores"], kl, mask, 0.05)[0], ro["values"], mask, 1.0, 0.95)
+    return masked_whiten(advantages, mask), returns
+
+
+def plain_forward(module: PPOModule, ro: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's log-probs and the critic's values from one full-batch forward pass."""
+    from lit_rlhf.rl.ppo import logprobs_from_logits
+
+    width = ro["mask"].size(1)
+    with torch.no_grad():
+        module.policy.eval()
+        module.critic.eval()
+        logits = module._response_logits(module.policy, ro["sequences"], ro["attention_mask"], width)
+        return logprobs_from_logits(logits, ro["responses"]), module._values(ro["sequences"], ro["attention_mask"], width)
+
+
+def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch):
+    """The rollout's log-probs come from `generate`'s logits on length-grouped, trimmed micro-batches
+    at temperature 0.7, with nothing taken from the model's own generation_config (a repetition
+    penalty or top-k there would change what is sampled but not what the training forward computes)."""
+    policy, reward = parity_models
+    torch.manual_seed(0)
+    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), forward_batch_size=16,
+                       max_new_tokens=10, temperature=0.7, ppo_epochs=1)
+    module.policy.generation_config.update(repetition_penalty=1.5, top_k=3, no_repeat_ngram_size=2)
+    used = []
+    real = module.policy._get_logits_processor
+
+    def spy(*args, **kwargs):
+        processors = real(*args, **kwargs)
+        used.extend(type(p).__name__ for p in processors)
+        return processors
+
+    monkeypatch.setattr(module.policy, "_get_logits_processor", spy)
+    batch = prompt_batch(policy, data_root)
+    assert len({len(ids) for ids in batch["input_ids"]}) > 4  # prompts of many lengths: trimming matters
+    module.hparams.forward_batch_size, module.hparams.generation_batch_size = 5, 6
+    ro = module.rollout(batch)
+    assert set(used) == {"SampledTokenStats", "TemperatureLogitsWarper"}, used
+    mask = ro["mask"]
+    logprobs, values = plain_forward(module, ro)
+    assert torch.allclose(ro["logprobs"] * mask, logprobs * mask, atol=1e-4)
+    assert torch.allclose(ro["ref_logprobs"] * mask, logprobs * mask, atol=1e-4)  # full variant: ref = policy at start
+    assert torch.allclose(ro["values"] * mask, values * mask, atol=1e-5)
+    single = torch.cat([module.score([p], [t]) for p, t in zip(ro["prompts"], ro["texts"])])
+    assert torch.allclose(ro["scores"], single, atol=1e-5)
+
+
+def force_response_lengths(module: PPOModule, ro: dict, lengths: list[int]) -> dict:
+    """End response i with EOS at position lengths[i] - 1 (pad after it), as if the policy had
+    stopped there, and recompute the rollout's log-probs and values for the new sequences."""
+    eos, pad, width = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id, ro["mask"].size(1)
+    length = torch.tensor(lengths).unsqueeze(1)
+    columns = torch.arange(width).unsqueeze(0)
+    responses = torch.where(columns == length - 1, eos, ro["responses"]).masked_fill(columns >= length, pad)
+    mask = (columns < length).long()
+    ro = {**ro, "responses": responses, "mask": mask.float(), "has_eos": torch.ones(len(lengths), dtype=torch.bool)}
+    ro["sequences"] = torch.cat([ro["sequences"][:, : ro["query_width"]], responses], 1)
+    ro["attention_mask"] = torch.cat([ro["attention_mask"][:, : ro["query_width"]], mask], 1)
+    ro["logprobs"], ro["values"] = plain_forward(module, ro)
+    ro["ref_logprobs"] = ro["logprobs"]
+    return ro
+
+
+def test_ppo_loss_does_not_depend_on_the_micro_batch_size(parity_models, data_root):
+    """Responses of 1 to 10 tokens: every token of the mini-batch must weigh the same, whichever
+    length-grouped micro-batch it falls in, so micro-batches of 3 give the gradient of one of 16."""
+    policy, reward = parity_models
+    torch.manual_seed(0)
+    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), forward_batch_size=16,
+                       max_new_tokens=10, temperature=1.0, ppo_epochs=1)
+    ro = module.rollout(prompt_batch(policy, data_root))
+    assert ro["mask"].size(1) == 10
+    ro = force_response_lengths(module, ro, [1, 10, 2, 9, 1, 10, 3, 8, 1, 10, 2, 7, 1, 10, 4, 6])
+    advantages, returns = advantages_and_returns(ro)
+    policy_opt, value_opt = updates_without_steps(module)
     grads = {}
     for micro in (16, 3):
         module.hparams.forward_batch_size = micro
@@ -172,3 +241,36 @@ def test_rollout_reuses_generation_logits_and_micro_batching_keeps_the_gradient(
         assert stats["policy/approxkl_avg"] < 1e-8  # the first pass sees the rollout policy
     for whole, micro in zip(grads[16], grads[3]):
         assert torch.allclose(whole, micro, rtol=1e-4, atol=1e-7)
+
+
+def test_lora_updates_start_from_the_rollout_policy_and_values(parity_models, data_root, monkeypatch):
+    """Iteration 2 of LoRA PPO (adapters no longer zero), before any optimizer step: the update's
+    log-probs and values must be the rollout's. Dropout on in updates and off in the rollout broke it."""
+    import lit_rlhf.modules.ppo as ppo_module
+    from lit_rlhf.modules.ppo import LoraSettings
+
+    policy, reward = parity_models
+    torch.manual_seed(0)
+    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), lora=LoraSettings(),
+                       critic_lora=True, forward_batch_size=8, max_new_tokens=10, temperature=1.0, ppo_epochs=2)
+    with torch.no_grad():  # as after a first iteration: lora_B starts at 0, where dropout changes nothing
+        for name, param in [*module.policy.named_parameters(), *module.critic.named_parameters()]:
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    ro = module.rollout(prompt_batch(policy, data_root))
+    advantages, returns = advantages_and_returns(ro)
+    compared = []
+    real_value_loss = ppo_module.ppo_value_loss
+
+    def value_loss(values, old_values, *args):
+        compared.append((values.detach(), old_values))
+        return real_value_loss(values, old_values, *args)
+
+    monkeypatch.setattr(ppo_module, "ppo_value_loss", value_loss)
+    updates_without_steps(module)  # no weight changes: every pass sees the rollout's weights
+    stats = module._optimise(ro, advantages, returns)
+    assert stats["policy/approxkl_avg"] < 1e-6
+    assert stats["policy/clipfrac_avg"] == 0
+    assert len(compared) >= 4
+    for new, old in compared:
+        assert torch.allclose(new, old, atol=1e-5)

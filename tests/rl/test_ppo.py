@@ -94,3 +94,41 @@ def test_value_loss_clipping():
 def test_logprobs_from_logits():
     logits = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
     assert torch.allclose(logprobs_from_logits(logits, torch.tensor([[1, 0]])), torch.log(t([0.75, 0.5])))
+
+
+def test_kl_horizon_relative_to_the_run_lets_the_controller_steer():
+    """Task scale: 2 000 prompts x 5 epochs in rollouts of 64. A KL at 3x the target must raise
+    kl_coef enough to matter (here: by half) within the first 10% of the run; the fixed horizon of
+    10 000 samples moved it by less than 4% there."""
+    from lit_rlhf.rl.ppo import kl_horizon_for_run
+
+    total, batch = 2000 * 5, 64
+    iterations = total // batch
+    relative = AdaptiveKLController(0.05, 0.05, kl_horizon_for_run(total, 0.04))
+    fixed = AdaptiveKLController(0.05, 0.05, 10000)
+    for _ in range(iterations // 10):
+        relative.update(0.15, batch)
+        fixed.update(0.15, batch)
+    assert relative.value > 1.5 * 0.05
+    assert fixed.value < 1.04 * 0.05
+    assert kl_horizon_for_run(total, 0.04) == 400
+
+
+def test_losses_divided_by_a_given_token_count_sum_to_the_whole_batch_loss():
+    """Micro-batch losses normalised by the mini-batch's token count add up to the mini-batch's
+    token mean, whatever the split (hand-split of a batch with rows of 1 and 4 tokens)."""
+    torch.manual_seed(0)
+    new, old, adv = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    values, old_values, returns = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1]])
+    whole = ppo_policy_loss(new, old, adv, mask, 0.2).loss
+    parts = sum(ppo_policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2, 5.0).loss
+                for i in range(2))  # fmt: skip
+    torch.testing.assert_close(parts, whole)
+    row_weighted = sum(0.5 * ppo_policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2).loss
+                       for i in range(2))  # fmt: skip
+    assert not torch.isclose(row_weighted, whole)  # the old per-micro-batch token mean
+    whole_v = ppo_value_loss(values, old_values, returns, mask, 0.2)[0]
+    parts_v = sum(ppo_value_loss(values[i : i + 1], old_values[i : i + 1], returns[i : i + 1], mask[i : i + 1], 0.2, 5.0)[0]
+                  for i in range(2))  # fmt: skip
+    torch.testing.assert_close(parts_v, whole_v)

@@ -1,0 +1,30 @@
+"""What each stage leaves behind and what later stages read from it.
+
+The reward-model export carries `lit_rlhf_export.json` beside its weights: how it must be scored
+(the settings it was trained with) and which message trees / post ids it trained and validated on
+(so later stages keep their "unseen" prompts unseen).
+"""
+
+import json
+from pathlib import Path
+
+REWARD_MODEL_INFO = "lit_rlhf_export.json"
+# The scoring settings of exports that predate the record (the old defaults of PPO and evaluate).
+LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64, "chat_template": True}
+
+
+def reward_model_info(folder: str | Path) -> dict:
+    """The export record of a reward-model folder ({} when there is none, e.g. a hub model)."""
+    file = Path(folder) / REWARD_MODEL_INFO
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def reward_model_scoring(folder: str | Path) -> dict:
+    """`{max_length, min_prompt_tokens, chat_template}` the reward model was trained with."""
+    return {**LEGACY_SCORING, **reward_model_info(folder).get("scoring", {})}
+
+
+def reward_model_seen(folder: str | Path) -> dict[str, set[str]]:
+    """`{"message_tree_ids": set, "post_ids": set}` of the pairs the reward model trained and validated on."""
+    seen = reward_model_info(folder).get("trained_on", {})
+    return {key: set(seen.get(key, [])) for key in ("message_tree_ids", "post_ids")}
