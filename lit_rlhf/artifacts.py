@@ -6,6 +6,10 @@ The reward-model export carries `lit_rlhf_export.json` beside its weights: how i
 """
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REWARD_MODEL_INFO = "lit_rlhf_export.json"
@@ -28,3 +32,20 @@ def reward_model_seen(folder: str | Path) -> dict[str, set[str]]:
     """`{"message_tree_ids": set, "post_ids": set}` of the pairs the reward model trained and validated on."""
     seen = reward_model_info(folder).get("trained_on", {})
     return {key: set(seen.get(key, [])) for key in ("message_tree_ids", "post_ids")}
+
+
+def save_folder_atomically(folder: Path, save: Callable[[Path], None]) -> None:
+    """`save(staging)` writes a folder next to its destination, which then replaces the old one by a
+    rename: a crash leaves the previous folder or none, never a half-written one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; other runs and users read the export
+    try:
+        save(staging)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            shutil.rmtree(old)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

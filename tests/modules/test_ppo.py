@@ -252,7 +252,7 @@ def test_lora_updates_start_from_the_rollout_policy_and_values(parity_models, da
     policy, reward = parity_models
     torch.manual_seed(0)
     module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), lora=LoraSettings(),
-                       critic_lora=True, forward_batch_size=8, max_new_tokens=10, temperature=1.0, ppo_epochs=2)
+                       critic_lora=LoraSettings(), forward_batch_size=8, max_new_tokens=10, temperature=1.0, ppo_epochs=2)
     with torch.no_grad():  # as after a first iteration: lora_B starts at 0, where dropout changes nothing
         for name, param in [*module.policy.named_parameters(), *module.critic.named_parameters()]:
             if "lora_B" in name:
