@@ -4,9 +4,9 @@ runs' own `metrics.csv` files.
     python -m lit_rlhf.eval.tinygpt_results --pretrain runs/pretrain_tinygpt --sft runs/sft_tinygpt \
         --rl runs/rl_lite --out runs/tinygpt_results [--wandb]
 
-A run folder is a trainer.default_root_dir; its newest `csv/version_*` is read. The keyword rate is
-measured by RL-lite's own samples: the RL row holds the mean over its last `window` steps, and the
-row of the run RL-lite started from (its `init_from`) the mean over its first `window` steps.
+A run folder is a trainer.default_root_dir; all its `csv/version_*` are read (a resumed run whole).
+The keyword rate is measured by RL-lite's own samples: the RL row holds the mean over its last `window`
+steps, and the row of the run RL-lite started from (its `init_from`) the mean over its first `window` steps.
 """
 
 import argparse

@@ -44,7 +44,7 @@ def test_table_from_fake_runs(tmp_path):
             {"step": 99, "val/loss": 2.1, "val/bpc": 2.1 / math.log(2)},
         ],
     )
-    # an older, unrelated run in the same folder: the newest version is the one read
+    # an earlier version in the same folder (before a resume): its steps join, the last values come from the newest
     fake_run(tmp_path / "sft", [{"step": 0, "train/loss": 9.0}], version=0)
     sft = fake_run(
         tmp_path / "sft",
