@@ -5,6 +5,7 @@ length, PPO epochs and mini-batches. Goal: lit_rlhf time per iteration <= 0.7x T
 
     python bench/bench_ppo.py --data-path $LIT_RLHF_DATA/oasst1 --out bench_ppo.json
     python bench/bench_ppo.py --reward-model runs/reward_model/reward_model ...  # reward gains too
+    python bench/bench_ppo.py --device cuda ...  # both sides on the GPU in bf16 (+ peak GPU memory)
 
 Each side runs in its own process (its peak RSS is its own), one after the other, never together
 (they would share the cores). Time per iteration = whole-run training time / iterations, over the
@@ -60,6 +61,7 @@ def summary(run: dict) -> dict:
         "median_s_per_iteration": statistics.median(run["seconds"]),
         "tokens_per_s": tokens / seconds,
         "peak_rss_gb": run["peak_rss_gb"],
+        "peak_gpu_gb": run["peak_gpu_gb"],
         "scores_first_last": [run["scores"][0], run["scores"][-1]],
         "iterations": len(run["seconds"]),
         "raw": run,
@@ -80,6 +82,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bf16-mixed for lit_rlhf, bf16=True for TRL (the maths check stays on CPU, fp32)")
     parser.add_argument("--skip-maths", action="store_true")
     parser.add_argument("--out", default="bench_ppo.json")
     args = parser.parse_args(argv)
@@ -105,6 +109,7 @@ def main(argv=None) -> dict:
             "batch_size": args.batch_size, "forward_batch_size": args.forward_batch_size,
             "max_new_tokens": args.max_new_tokens, "ppo_epochs": args.ppo_epochs, "iterations": args.iterations,
             "lr": args.lr * (10 if variant == "lora" else 1), "temperature": 0.7, "kl_coef": 0.05, "seed": args.seed,
+            "device": args.device,
         }
         spec_path = work / f"spec_{variant}.json"
         spec_path.write_text(json.dumps(spec))
@@ -117,6 +122,8 @@ def main(argv=None) -> dict:
             "tokens_per_s_ratio": ours["tokens_per_s"] / reference["tokens_per_s"],
             "memory_ratio": ours["peak_rss_gb"] / reference["peak_rss_gb"],
         }
+        if args.device == "cuda":
+            entry["gpu_memory_ratio"] = ours["peak_gpu_gb"] / reference["peak_gpu_gb"]
         if not args.skip_maths:
             entry["maths"] = run_side(reference_python, "maths", spec_path)
         result["variants"][variant] = entry

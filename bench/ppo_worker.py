@@ -72,7 +72,8 @@ def run_lit(spec: dict) -> dict:
     loader = DataLoader(prompts, batch_size=spec["batch_size"], shuffle=False, collate_fn=OASST1PromptDataModule.collate)
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(
-            accelerator="cpu", devices=1, precision="32-true", max_epochs=1, logger=False,
+            accelerator=spec["device"], devices=1, precision="bf16-mixed" if spec["device"] == "cuda" else "32-true",
+            max_epochs=1, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[timer], default_root_dir=root,
         )
@@ -132,8 +133,8 @@ def trl_config(spec: dict, output_dir: str, lr: float):
         logging_steps=1,
         disable_tqdm=True,
         seed=spec["seed"],
-        use_cpu=True,
-        bf16=False,
+        use_cpu=spec["device"] == "cpu",
+        bf16=spec["device"] == "cuda",
         fp16=False,
     )
 
@@ -206,7 +207,8 @@ def run_maths(spec: dict) -> dict:
     from lit_rlhf.rl import ppo as ours
 
     # responses long enough that some end with EOS, so TRL's p1 convention is exercised
-    spec = {**spec, "iterations": 1, "forward_batch_size": spec["batch_size"], "max_new_tokens": 96}
+    # on CPU in fp32 whatever --device says: this compares arithmetic, not speed
+    spec = {**spec, "iterations": 1, "forward_batch_size": spec["batch_size"], "max_new_tokens": 96, "device": "cpu"}
     tokenizer, dataset, policy, value, reward, peft_config = trl_objects(spec)
     dataset = dataset.select(range(spec["batch_size"]))
     seen: dict = {"get_reward": [], "log_softmax": []}
@@ -290,4 +292,5 @@ if __name__ == "__main__":
     torch.manual_seed(spec["seed"])
     result = {"lit": run_lit, "trl": run_trl, "maths": run_maths}[side](spec)
     result["peak_rss_gb"] = peak_rss_gb()
+    result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_initialized() else None
     print("RESULT " + json.dumps(result), flush=True)

@@ -58,10 +58,18 @@ class LitRLHFCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RandomStatePerRank()]},
+            trainer_defaults={
+                "callbacks": [RandomStatePerRank()],
+                # checkpoints streamed to disk: Lightning's own save first builds them in memory
+                "plugins": [{"class_path": "lit_rlhf.checkpoint_io.StreamingCheckpointIO"}],
+            },
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # PPO's data module keeps the reward model's training trees out of its evaluation prompts.
+        parser.link_arguments("model.init_args.reward_model_path", "data.init_args.reward_model_path")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

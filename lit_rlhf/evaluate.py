@@ -21,10 +21,11 @@ from peft import PeftModel, get_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors import SafetensorError
 
+from lit_rlhf.artifacts import reward_model_info, reward_model_scoring, reward_model_seen
 from lit_rlhf.data.oasst1_prompts import EVAL_PROMPTS_FILE, read_eval_prompts
 from lit_rlhf.errors import NonFiniteError, UserInputError, as_paragraph, reason
 from lit_rlhf.eval import human_ratings
-from lit_rlhf.eval.generation import generate_responses
+from lit_rlhf.eval.generation import generate_responses, is_truncated
 from lit_rlhf.eval.kl_monitor import interpret_kl, plot_kl, ppo_curves
 from lit_rlhf.eval.stats import bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
 from lit_rlhf.logging import markdown_table
@@ -43,7 +44,9 @@ BASE = "Pretrained"
 @dataclass
 class EvalSettings:
     """What to compare and how. `ppo_full` / `ppo_lora` are PPO run folders (their exported
-    `policy/` or `policy_adapter/` inside); either may be null to skip that variant."""
+    `policy/` or `policy_adapter/` inside); either may be null to skip that variant.
+    `reward_max_length`: null scores with the max length the reward model was trained with (its
+    export record); a value overrides it, with a warning when it differs."""
 
     reward_model: str = "runs/reward_model/reward_model"
     base_model: str = DEFAULT_MODEL
@@ -56,7 +59,7 @@ class EvalSettings:
     max_new_tokens: int = 128
     temperature: float = 0.7
     max_prompt_length: int = 256
-    reward_max_length: int = 512
+    reward_max_length: int | None = None
     batch_size: int = 16
     seed: int = 1234
     human_eval_prompts: int = 3
@@ -132,34 +135,93 @@ def eval_prompt_file(s: EvalSettings) -> Path:
     raise UserInputError("No eval_prompts given and no PPO run folder holds eval_prompts.jsonl.")
 
 
-def load_eval_prompts(s: EvalSettings) -> list[str]:
-    """The prompt texts, checked: a hand-edited or foreign file fails here, not after generation."""
+def _valid_prompt(prompt) -> bool:
+    """A non-empty text, or a conversation of {role, content} messages that ends with the user's turn."""
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)
+        and prompt[-1].get("role") == "user"
+    )
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as people read it: the text, or a conversation as `role: content` lines."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def load_eval_prompts(s: EvalSettings) -> list[dict]:
+    """The prompt rows, checked: a hand-edited or foreign file fails here, not after generation."""
     file = eval_prompt_file(s)
     try:
         rows = read_eval_prompts(file)
     except ValueError as error:  # a line that is not JSON
         raise UserInputError(f"'{file}' is not a JSON-lines file ({reason(error)}). Fix the line or re-run PPO.") from error
-    texts = [row.get("prompt") if isinstance(row, dict) else None for row in rows]
-    bad = [i for i, text in enumerate(texts, 1) if not isinstance(text, str) or not text.strip()]
+    bad = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or not _valid_prompt(row.get("prompt"))]
     if bad:
         raise UserInputError(
             f"{len(bad)} rows of '{file}' (the first is row {bad[0]}) have no non-empty 'prompt' text. Evaluation "
             'prompts are JSON lines {"prompt": ..., "message_id": ..., "message_tree_id": ...} as the PPO stage '
-            "writes them."
+            "writes them ('prompt' is a text, or a conversation as a list of {\"role\", \"content\"} messages "
+            "ending with the user's turn)."
         )
-    return texts[: s.num_prompts]
+    return rows[: s.num_prompts]
+
+
+def scoring_settings(s: EvalSettings) -> dict:
+    """How the reward model reads (prompt, response): as it was trained (its export record), unless
+    `reward_max_length` overrides it."""
+    recorded = "scoring" in reward_model_info(s.reward_model)
+    scoring = {
+        **reward_model_scoring(s.reward_model),
+        "scoring_source": "as it was trained" if recorded else "the old defaults: its export records no settings",
+    }
+    if s.reward_max_length is not None and s.reward_max_length != scoring["max_length"]:
+        print(
+            f"[lit_rlhf] warning: scoring with reward_max_length {s.reward_max_length}, but the reward model was "
+            f"trained with max length {scoring['max_length']} ({s.reward_model}); its rewards may be off."
+        )
+        scoring["scoring_source"] = (
+            f"reward_max_length overrides the max length {scoring['max_length']} it was trained with"
+        )
+        scoring["max_length"] = s.reward_max_length
+    return scoring
+
+
+def reward_model_overlap(s: EvalSettings, rows: list[dict]) -> int | None:
+    """How many evaluation prompts come from a message tree (or are a post) the reward model
+    trained or validated on; None when its export does not record them."""
+    if "trained_on" not in reward_model_info(s.reward_model):
+        return None
+    seen = reward_model_seen(s.reward_model)
+    return sum(r.get("message_tree_id") in seen["message_tree_ids"] or r.get("message_id") in seen["post_ids"]
+               for r in rows)
+
+
+def overlap_text(overlap: int | None) -> str:
+    if overlap is None:
+        return ("Overlap with the reward model's data unknown: its export records no training data "
+                "(lit_rlhf_export.json predates the record, or the model comes from elsewhere).")
+    if overlap == 0:
+        return "0 evaluation prompts share a message tree with the reward model's training/validation data."
+    return (f"**Warning: {overlap} evaluation prompts share a message tree with the reward model's "
+            "training/validation data**, so their rewards are not on unseen data (re-run PPO against this "
+            "reward model: its data module keeps them out of the evaluation prompts).")
 
 
 def reward_table(rewards: pd.DataFrame, s: EvalSettings) -> tuple[list[str], list[list], dict]:
     """Per model: mean reward [95% CI], gain over the base [paired CI], win rate, length, repetition."""
     base = rewards[rewards.model == BASE].sort_values("prompt_id")
     columns = ["Model", "Mean reward [95% CI]", "Gain vs pretrained [95% CI]", "Win rate vs pretrained",
-               "Mean length (tokens)", "Repetition (3-gram)"]
+               "Mean length (tokens)", "Truncated share", "Repetition (3-gram)"]
     rows, summary = [], {}
     for model, group in rewards.groupby("model", sort=False):
         group = group.sort_values("prompt_id")
         mean = bootstrap_mean_ci(group.reward, n_resamples=s.bootstrap_resamples, seed=s.seed)
-        entry = {"mean_reward": asdict(mean), "mean_length": group.length.mean(), "repetition": group.repetition.mean()}
+        entry = {"mean_reward": asdict(mean), "mean_length": group.length.mean(),
+                 "truncated_share": group.truncated.mean(), "repetition": group.repetition.mean()}
         gain_text = win_text = "—"
         if model != BASE:
             gain = paired_gain_ci(group.reward.values, base.reward.values, n_resamples=s.bootstrap_resamples, seed=s.seed)
@@ -167,7 +229,8 @@ def reward_table(rewards: pd.DataFrame, s: EvalSettings) -> tuple[list[str], lis
             entry["win_rate"] = win_rate(group.reward.values, base.reward.values)
             gain_text, win_text = str(gain), f"{entry['win_rate']:.0%}"
         summary[model] = entry
-        rows.append([model, str(mean), gain_text, win_text, f"{entry['mean_length']:.1f}", f"{entry['repetition']:.3f}"])
+        rows.append([model, str(mean), gain_text, win_text, f"{entry['mean_length']:.1f}",
+                     f"{entry['truncated_share']:.0%}", f"{entry['repetition']:.3f}"])
     return columns, rows, summary
 
 
@@ -175,12 +238,17 @@ def evaluate(s: EvalSettings) -> Path:
     """Every input is read and checked before the long generation, and `out_dir` is created only
     once all rewards are in and finite: bad input leaves nothing half-written."""
     out = Path(s.out_dir)
-    texts = load_eval_prompts(s)
-    if len(texts) < s.min_prompts:
+    prompt_rows = load_eval_prompts(s)
+    if len(prompt_rows) < s.min_prompts:
         raise UserInputError(
-            f"Only {len(texts)} unseen evaluation prompts; the evaluation asks for at least {s.min_prompts}. "
-            "Raise data.num_eval_prompts in the PPO run or lower min_prompts."
+            f"Only {len(prompt_rows)} unseen evaluation prompts; the evaluation asks for at least {s.min_prompts}. "
+            "Raise data.num_eval_prompts in the PPO run (its log says when the data holds too few prompts the "
+            "reward model did not see) or lower min_prompts."
         )
+    prompts = [row["prompt"] for row in prompt_rows]
+    texts = [prompt_text(p) for p in prompts]
+    scoring = scoring_settings(s)
+    overlap = reward_model_overlap(s, prompt_rows)
     kl_runs = {name: ppo_curves(run) for name, run in (("PPO (full)", s.ppo_full), ("PPO (LoRA)", s.ppo_lora)) if run}
     reward_tokenizer = load_tokenizer(s.reward_model, padding_side="right")
     reward_model = load_sequence_scorer(s.reward_model, reward_tokenizer.pad_token_id, trained_head=True).eval()
@@ -192,10 +260,11 @@ def evaluate(s: EvalSettings) -> Path:
     records, human = [], {}
     for name, (model, tokenizer) in policies.items():
         responses, token_ids = generate_responses(
-            model, tokenizer, texts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
+            model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
             desc=f"generating ({name})",
         )
-        scores = score_responses(reward_model, reward_tokenizer, texts, responses, s.reward_max_length, s.batch_size)
+        scores = score_responses(reward_model, reward_tokenizer, prompts, responses, scoring["max_length"],
+                                 s.batch_size, scoring["min_prompt_tokens"])
         if not torch.isfinite(scores).all():
             raise NonFiniteError(
                 f"The reward model '{s.reward_model}' gave NaN/inf rewards to {int((~torch.isfinite(scores)).sum())} "
@@ -204,7 +273,8 @@ def evaluate(s: EvalSettings) -> Path:
             )
         for i, (response, ids, score) in enumerate(zip(responses, token_ids, scores.tolist())):
             records.append({"model": name, "prompt_id": i, "prompt": texts[i], "response": response,
-                            "reward": score, "length": len(ids), "repetition": repetition_rate(ids)})
+                            "reward": score, "length": len(ids), "truncated": is_truncated(ids, s.max_new_tokens),
+                            "repetition": repetition_rate(ids)})
         human[name] = [{"prompt": texts[i], "response": responses[i]} for i in human_ids]
         del model
     out.mkdir(parents=True, exist_ok=True)
@@ -217,14 +287,16 @@ def evaluate(s: EvalSettings) -> Path:
     kl_png = plot_kl(kl_runs, out / "kl.png", s.kl_low, s.kl_high) if kl_runs else None
     summary["kl_interpretation"] = kl_text
     summary["num_prompts"] = len(texts)
+    summary.update({f"reward_{key}": value for key, value in scoring.items()})  # flat: dict entries are models
+    summary["prompts_seen_by_reward_model"] = overlap
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     human_md = human_ratings.summarize(out)
-    report = write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards)
+    report = write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards, scoring, overlap)
     log_to_wandb(s, out, columns, rows, rewards, kl_png, report)
     return report
 
 
-def write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards) -> Path:
+def write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards, scoring, overlap) -> Path:
     sections = ["# RLHF evaluation report", ""]
     preview = Path(s.reward_model_run or Path(s.reward_model).parent) / "preprocessed_preview.md"
     if preview.exists():
@@ -233,8 +305,13 @@ def write_report(out, s, columns, rows, kl_png, kl_text, human_md, rewards) -> P
         f"## Reward on {rewards.prompt_id.nunique()} unseen prompts",
         "",
         f"Same seed ({s.seed}) and decoding for every model: temperature {s.temperature}, top_k 0, top_p 1, "
-        f"up to {s.max_new_tokens} new tokens. Rewards from the frozen reward model `{s.reward_model}`. "
-        "Intervals: 95% percentile bootstrap over prompts (paired for gains); ties count half in win rates.",
+        f"up to {s.max_new_tokens} new tokens. Rewards from the frozen reward model `{s.reward_model}`, "
+        f"reading at most {scoring['max_length']} tokens with at least {scoring['min_prompt_tokens']} for the prompt "
+        f"({scoring['scoring_source']}). "
+        "Intervals: 95% percentile bootstrap over prompts (paired for gains); ties count half in win rates. "
+        f"Truncated share: responses that did not end within {s.max_new_tokens} new tokens, scored unfinished.",
+        "",
+        overlap_text(overlap),
         "",
         markdown_table(columns, rows),
         "",

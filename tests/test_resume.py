@@ -34,8 +34,8 @@ def tinygpt_args(root: Path, steps: int) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]  # fmt: skip
 
 
-def cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def cli(args: list[str], *paths: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, [REPO, *paths]))}
     return subprocess.Popen([sys.executable, "-m", "lit_rlhf", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -84,26 +84,47 @@ def test_tinygpt_killed_mid_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(final_resumed[name], final_straight[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+# Per online method: its config, its own options, and optimizer steps per iteration (Lightning's
+# trainer.max_steps counts them: PPO 2 optimizers x 2 epochs; GRPO/RLOO 1 optimizer x 1 iteration).
+ONLINE_METHODS = {
+    "ppo_lora": (["--model.ppo_epochs", "2", "--model.policy_optimizer.init_args.lr", "1e-2"], 4, "loss/policy_avg"),
+    "grpo": (["--model.num_generations", "2", "--model.optimizer.init_args.lr", "1e-2"], 1, "loss"),
+    "rloo": (["--model.num_generations", "2", "--model.optimizer.init_args.lr", "1e-2"], 1, "loss"),
+}
+
+
 @pytest.mark.slow
-def test_ppo_resume_continues_kl_controller_rollouts_and_data_order(tmp_path, smol_tokenizer_dir, data_root):
+@pytest.mark.parametrize("method", sorted(ONLINE_METHODS))
+def test_online_rl_resume_continues_kl_controller_rollouts_and_data_order(method, tmp_path, smol_tokenizer_dir, data_root):
     policy = make_parity_policy(tmp_path / "policy", smol_tokenizer_dir)
     reward = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
+    options, steps_per_iteration, loss_column = ONLINE_METHODS[method]
 
-    def args(root: Path, steps: int) -> list[str]:
-        return ["fit", "--config", "configs/ppo_lora.yaml", "--trainer.default_root_dir", str(root),
-                "--trainer.logger", CSV_ONLY, "--trainer.callbacks", every_n_steps(1),
-                "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(steps),
+    def args(root: Path, callbacks: str = every_n_steps(1)) -> list[str]:
+        return ["fit", "--config", f"configs/{method}.yaml", "--trainer.default_root_dir", str(root),
+                "--trainer.logger", CSV_ONLY, "--trainer.callbacks", callbacks,
+                "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(4 * steps_per_iteration),
                 "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
                 "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
-                "--model.ppo_epochs", "2", "--model.kl_horizon_fraction", "0.5", "--model.policy_optimizer.init_args.lr", "1e-2",
+                "--model.kl_target", "0.05", "--model.kl_horizon_fraction", "0.5", *options,
                 "--data.path", str(data_root / "oasst1"), "--data.tokenizer_name_or_path", str(policy),
                 "--data.num_train_prompts", "24", "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48",
                 "--data.batch_size", "8"]  # fmt: skip
 
-    # trainer.max_steps counts optimizer steps: 2 optimizers x 2 PPO epochs = 4 per PPO iteration
-    finish(cli(args(tmp_path / "straight", 16)))  # 4 iterations: 3 in epoch 0, 1 in epoch 1
-    finish(cli(args(tmp_path / "resumed", 8)))  # stops after 2 of the 3 iterations of epoch 0
-    finish(cli([*args(tmp_path / "resumed", 16), "--ckpt_path", "last"]))
+    # a crash at the start of the third iteration (same run settings: the KL horizon is relative to the run)
+    (tmp_path / "crash_callback.py").write_text(
+        "from lightning.pytorch.callbacks import Callback\n"
+        "class CrashAtIteration(Callback):\n"
+        "    def on_train_batch_start(self, trainer, *args):\n"
+        "        if trainer.fit_loop.total_batch_idx == 2:\n"
+        "            raise RuntimeError('simulated crash')\n"
+    )
+    crash = every_n_steps(1)[:-1] + ', {"class_path": "crash_callback.CrashAtIteration"}]'
+    finish(cli(args(tmp_path / "straight")))  # 4 iterations: 3 in epoch 0, 1 in epoch 1
+    crashed = cli(args(tmp_path / "resumed", crash), tmp_path)  # stops after 2 of the 3 iterations of epoch 0
+    _, stderr = crashed.communicate(timeout=600)
+    assert crashed.returncode != 0 and "simulated crash" in stderr, stderr[-2000:]
+    finish(cli([*args(tmp_path / "resumed"), "--ckpt_path", "last"]))
 
     def series(root: Path) -> pd.DataFrame:
         frames = pd.concat([pd.read_csv(f) for f in sorted(root.glob("csv/version_*/metrics.csv"))])
@@ -111,7 +132,7 @@ def test_ppo_resume_continues_kl_controller_rollouts_and_data_order(tmp_path, sm
 
     straight, resumed = series(tmp_path / "straight"), series(tmp_path / "resumed")
     assert straight.index.tolist() == resumed.index.tolist() and len(straight) == 4
-    for column in ("kl_coef", "objective/scores", "objective/kl_per_token", "loss/policy_avg"):
+    for column in ("kl_coef", "objective/scores", "objective/kl_per_token", loss_column):
         torch.testing.assert_close(torch.tensor(resumed[column].to_numpy()), torch.tensor(straight[column].to_numpy()),
                                    atol=1e-4, rtol=1e-3, msg=column)  # fmt: skip
 

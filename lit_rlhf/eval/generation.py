@@ -11,7 +11,7 @@ from lit_rlhf.models.hf import chat_prompt_ids
 def generate_responses(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list,
     max_new_tokens: int,
     temperature: float,
     seed: int,
@@ -19,7 +19,10 @@ def generate_responses(
     max_prompt_length: int = 256,
     desc: str = "generating",
 ) -> tuple[list[str], list[list[int]]]:
-    """(texts, token ids up to the first EOS) per prompt; sampling with top_k=0, top_p=1 from `seed`."""
+    """(texts, token ids up to the first EOS) per prompt; sampling with top_k=0, top_p=1 from `seed`.
+
+    A prompt is a user text or a conversation (`[{"role", "content"}, ...]`, see `chat_prompt_ids`).
+    """
     model.eval()
     device = next(model.parameters()).device
     config = GenerationConfig(
@@ -45,3 +48,9 @@ def generate_responses(
             token_ids.append(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts, token_ids
+
+
+def is_truncated(token_ids: list[int], max_new_tokens: int) -> bool:
+    """Whether a response of `generate_responses` was cut off: it holds ids up to its first EOS, so
+    only a response that found no EOS within `max_new_tokens` is that long."""
+    return len(token_ids) >= max_new_tokens

@@ -190,12 +190,25 @@ def require_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenize
         )
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, max_length: int) -> tuple[list[int], str]:
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, user_text: str | list[dict], max_length: int
+) -> tuple[list[int], str | list[dict]]:
     """Token ids of `user_text` as a user turn plus the generation prompt, at most `max_length` long.
 
     Too-long prompts lose the *start* of the user text, so the chat template (system turn, user
     header, generation prompt) stays intact. Returns (ids, the user text actually kept).
+    A conversation (`[{"role", "content"}, ...]` ending with a user turn) loses its oldest
+    user/assistant exchanges first, then the start of its last user text.
     """
+    if not isinstance(user_text, str):
+        messages = list(user_text)
+        while len(messages) > 1:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if len(ids) <= max_length:
+                return ids, messages
+            messages = messages[2:]
+        ids, kept = chat_prompt_ids(tokenizer, messages[0]["content"], max_length)
+        return ids, [{"role": "user", "content": kept}]
 
     def render(text: str) -> list[int]:
         return tokenizer.apply_chat_template(

@@ -11,6 +11,7 @@ clipping would fire on dropout noise. Hence LoRA here has no dropout setting.
 """
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
@@ -315,9 +316,18 @@ class OnlineRLModule(LightningModule):
         """One controller step on the global KL and batch (every rank takes the same step)."""
         global_batch = rows * self.trainer.world_size
         self.kl_controller.horizon = kl_horizon_for_run(
-            self.trainer.estimated_stepping_batches * global_batch, self.settings["kl_horizon_fraction"]
+            self._run_iterations() * global_batch, self.settings["kl_horizon_fraction"]
         )
         self.kl_controller.update(kl_per_token.item(), n_steps=global_batch)
+
+    def _run_iterations(self) -> int:
+        """Iterations (training steps) of the whole run: `max_epochs` passes over the prompts, or
+        fewer when `max_steps` (which counts optimizer steps, several per iteration) ends it first."""
+        trainer = self.trainer
+        iterations = trainer.num_training_batches * trainer.max_epochs if trainer.max_epochs > 0 else math.inf
+        if trainer.max_steps > 0:
+            iterations = min(iterations, math.ceil(trainer.max_steps / self._optimizer_steps_per_iteration))
+        return int(iterations)
 
     def _sum_across_ranks(self, total: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(total, reduce_op="sum") if self.trainer.world_size > 1 else total
@@ -359,6 +369,7 @@ class OnlineRLModule(LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
                 n_mini += 1
+        self._optimizer_steps_per_iteration = n_mini * len(optimizers)
         return {key: value / n_mini for key, value in totals.items()}
 
     def log_iteration(self, ro: dict, kl: torch.Tensor, kl_per_token: torch.Tensor, started: float,

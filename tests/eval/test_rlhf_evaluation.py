@@ -60,41 +60,81 @@ def test_kl_interpretation_follows_the_numbers(series, verdict):
     assert f"{series[0]:.4f}" in text
 
 
-def write_generations(folder: Path) -> dict:
-    generations = {m: [{"prompt": f"p{i}", "response": f"{m} answer {i}"} for i in range(1, 4)] for m in ("A", "B")}
+MODELS = ("Pretrained", "PPO (full)", "PPO (LoRA)")
+
+
+def write_generations(folder: Path, models=MODELS[:2]) -> dict:
+    generations = {m: [{"prompt": f"p{i}", "response": f"answer {i} of model {k}"} for i in range(1, 4)]
+                   for k, m in enumerate(models)}  # fmt: skip
     (folder / human_ratings.GENERATIONS_FILE).write_text(json.dumps(generations))
     return generations
 
 
 def test_rating_command_validates_and_resumes_from_a_pipe(tmp_path):
-    write_generations(tmp_path)
+    generations = write_generations(tmp_path)
+    model, number = human_ratings.rating_order(generations)[0]
     out = io.StringIO()
     # invalid answers are asked again; 'q' stops after 3 valid ratings
     missing = human_ratings.rate(tmp_path, stdin=io.StringIO("0\nfive\n4\n5\n3\nq\n"), stdout=out)
     assert missing == 30 - 3
     assert out.getvalue().count("whole number from 1 to 5") == 2
-    ratings = human_ratings.load_ratings(tmp_path)
-    assert ratings == {("A", 1, "Coherence"): 4, ("A", 1, "Relevance"): 5, ("A", 1, "Helpfulness"): 3}
+    ratings = human_ratings.load_ratings(tmp_path, generations)
+    assert ratings == {(model, number, "Coherence"): 4, (model, number, "Relevance"): 5, (model, number, "Helpfulness"): 3}
     # resume: the next answers fill the remaining 27 ratings in order, then end of input
     assert human_ratings.rate(tmp_path, stdin=io.StringIO("2\n" * 27), stdout=io.StringIO()) == 0
-    ratings = human_ratings.load_ratings(tmp_path)
-    assert len(ratings) == 30 and ratings[("A", 1, "Coherence")] == 4 and ratings[("B", 3, "Completeness")] == 2
+    ratings = human_ratings.load_ratings(tmp_path, generations)
+    assert len(ratings) == 30 and ratings[(model, number, "Coherence")] == 4
+    assert ratings[(model, number, "Completeness")] == 2
     summary = human_ratings.summarize(tmp_path).read_text()
-    assert "| A | 2.67 | 3.00 | 2.33 | 2.00 | 2.00 |" in summary  # A: (4+2+2)/3, (5+2+2)/3, (3+2+2)/3
+    assert f"| {model} | 2.67 | 3.00 | 2.33 | 2.00 | 2.00 |" in summary  # (4+2+2)/3, (5+2+2)/3, (3+2+2)/3
     assert summary.count("Prompt 3") == 2
+
+
+def test_rating_is_blind_and_interleaves_the_models(tmp_path):
+    generations = write_generations(tmp_path, MODELS)
+    out = io.StringIO()
+    assert human_ratings.rate(tmp_path, stdin=io.StringIO("3\n" * 45), stdout=out) == 0
+    screen = out.getvalue()
+    assert not [m for m in MODELS if m in screen]
+    which = {item["response"]: m for m, items in generations.items() for item in items}
+    shown = [which[line.removeprefix("RESPONSE: ")] for line in screen.splitlines() if line.startswith("RESPONSE: ")]
+    assert sorted(shown) == sorted(m for m in MODELS for _ in range(3))
+    switches = sum(a != b for a, b in zip(shown, shown[1:]))
+    assert switches > len(MODELS) - 1, shown  # model by model would switch only twice
+    summary = human_ratings.summarize(tmp_path).read_text()
+    assert all(f"| {m} | 3.00 | 3.00 | 3.00 | 3.00 | 3.00 |" in summary for m in MODELS)  # 15 ratings each
+
+
+def test_regenerated_response_makes_its_ratings_stale(tmp_path):
+    generations = write_generations(tmp_path)
+    human_ratings.rate(tmp_path, stdin=io.StringIO("5\n" * 30), stdout=io.StringIO())
+    generations["PPO (full)"][1]["response"] = "a regenerated answer"
+    (tmp_path / human_ratings.GENERATIONS_FILE).write_text(json.dumps(generations))
+
+    note = io.StringIO()
+    ratings = human_ratings.load_ratings(tmp_path, generations, note)
+    assert len(ratings) == 25 and not any(key[:2] == ("PPO (full)", 2) for key in ratings)
+    assert note.getvalue().startswith("5 saved ratings are of responses that were regenerated")
+    out = io.StringIO()
+    assert human_ratings.rate(tmp_path, stdin=io.StringIO("1\n" * 5), stdout=out) == 0
+    assert out.getvalue().count("=== Item") == 1 and "RESPONSE: a regenerated answer" in out.getvalue()
+    note = io.StringIO()
+    ratings = human_ratings.load_ratings(tmp_path, generations, note)
+    assert len(ratings) == 30 and ratings[("PPO (full)", 2, "Coherence")] == 1 and not note.getvalue()
+    assert len((tmp_path / human_ratings.RATINGS_FILE).read_text().splitlines()) == 1 + 30  # stale rows cleared
 
 
 def test_rating_command_runs_as_a_program_fed_by_a_pipe(tmp_path):
     import subprocess
     import sys
 
-    write_generations(tmp_path)
+    generations = write_generations(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "lit_rlhf.eval.human_ratings", "rate", "--eval_dir", str(tmp_path)],
         input="5\n" * 30, capture_output=True, text=True, check=True,
     )
     assert "All ratings saved." in result.stdout
-    assert len(human_ratings.load_ratings(tmp_path)) == 30
+    assert len(human_ratings.load_ratings(tmp_path, generations)) == 30
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +174,14 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
     gain = summary["PPO (full)"]["reward_gain"]
     expected = rewards[rewards.model == "PPO (full)"].reward.mean() - rewards[rewards.model == "Pretrained"].reward.mean()
     assert gain["mean"] == pytest.approx(expected, abs=1e-6) and gain["low"] <= gain["mean"] <= gain["high"]
+    # 6 new tokens: a response without EOS has 6 tokens and counts as truncated
+    assert (rewards.truncated == (rewards.length == 6)).all() and rewards.truncated.any()
+    for model, group in rewards.groupby("model"):
+        assert summary[model]["truncated_share"] == pytest.approx(group.truncated.mean())
     report = (out / "report.md").read_text()
+    assert "| Truncated share |" in report and f"| {summary['Pretrained']['truncated_share']:.0%} |" in report
+    assert "Overlap with the reward model's data unknown" in report  # its export records nothing
+    assert "reading at most 512 tokens with at least 64 for the prompt" in report
     assert "Gain vs pretrained" in report and "kl.png" in report and (out / "kl.png").stat().st_size > 1000
     assert "inside the band" in report and "below the band" in report
     assert report.count("| Prompt 1:") == 3 and "Hallucination/toxicity" in report
@@ -156,3 +203,58 @@ def test_evaluation_needs_enough_prompts(fake_runs, tmp_path):
                        "--base_model", str(base), "--ppo_full", str(full), "--ppo_lora", "null",
                        "--out_dir", str(tmp_path / "e"), "--num_prompts", "10"])
     assert not (tmp_path / "e").exists()
+
+
+def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overlap(fake_runs, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The reward-model export's scoring settings and training trees drive scoring and the report;
+    a follow-up prompt (a conversation) is generated for and scored like a plain one."""
+    import shutil
+
+    from lit_rlhf.artifacts import REWARD_MODEL_INFO
+
+    root, base, reward, full, lora_run = fake_runs
+    exported = shutil.copytree(reward, tmp_path / "rm")
+    (exported / REWARD_MODEL_INFO).write_text(json.dumps({
+        "scoring": {"max_length": 96, "min_prompt_tokens": 24, "chat_template": True},
+        "trained_on": {"message_tree_ids": ["3", "7"], "post_ids": ["11"]},
+    }))
+    prompts = [{"prompt": f"Question number {i}: what is {i} plus {i}?", "message_id": str(i),
+                "message_tree_id": str(i)} for i in range(12)]
+    prompts[5]["prompt"] = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."},
+                            {"role": "user", "content": "And times 3?"}]
+    prompt_file = tmp_path / "eval_prompts.jsonl"
+    prompt_file.write_text("\n".join(json.dumps(p) for p in prompts))
+    calls = []
+    real_score = evaluate.score_responses
+
+    def recording_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens):
+        calls.append((prompts, max_length, min_prompt_tokens))
+        return real_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens)
+
+    monkeypatch.setattr(evaluate, "score_responses", recording_score)
+    args = ["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(exported), "--base_model", str(base),
+            "--ppo_full", str(full), "--ppo_lora", "null", "--eval_prompts", str(prompt_file), "--min_prompts", "12",
+            "--max_new_tokens", "4", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"]
+    evaluate.main([*args, "--out_dir", str(tmp_path / "as_trained")])
+    assert [c[1:] for c in calls] == [(96, 24), (96, 24)]
+    assert calls[0][0][5] == prompts[5]["prompt"]  # scored as the conversation it is
+    report = (tmp_path / "as_trained" / "report.md").read_text()
+    assert "reading at most 96 tokens with at least 24 for the prompt (as it was trained)" in report
+    assert "Warning: 3 evaluation prompts share a message tree with the reward model's training" in report
+    summary = json.loads((tmp_path / "as_trained" / "summary.json").read_text())
+    assert summary["prompts_seen_by_reward_model"] == 3 and summary["reward_max_length"] == 96
+    rewards = pd.read_csv(tmp_path / "as_trained" / "rewards.csv")
+    assert rewards.prompt[5] == "user: What is 2 plus 2?\nassistant: 4.\nuser: And times 3?"
+    assert "warning" not in capsys.readouterr().out
+
+    calls.clear()
+    (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24},
+                                                          "trained_on": {"message_tree_ids": ["99"]}}))
+    evaluate.main([*args, "--out_dir", str(tmp_path / "override"), "--reward_max_length", "128"])
+    assert [c[1:] for c in calls] == [(128, 24), (128, 24)]
+    assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
+        capsys.readouterr().out)
+    report = (tmp_path / "override" / "report.md").read_text()
+    assert "reward_max_length overrides the max length 96 it was trained with" in report
+    assert "0 evaluation prompts share a message tree with the reward model's training/validation data" in report
