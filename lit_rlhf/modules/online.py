@@ -12,6 +12,7 @@ clipping would fire on dropout noise. Hence LoRA here has no dropout setting.
 
 import copy
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
@@ -47,6 +48,11 @@ class LoraSettings:
     def config(self, task_type: str) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=0.0,
                           target_modules=list(self.target_modules), task_type=task_type)  # fmt: skip
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB), for comparing methods' cost."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def count_trainable(module: torch.nn.Module) -> int:
@@ -387,6 +393,7 @@ class OnlineRLModule(LightningModule):
             "kl_coef": torch.tensor(self.kl_controller.value),
             "time/rollout_s": torch.tensor(rollout_seconds),
             "time/iteration_s": torch.tensor(time.perf_counter() - started),
+            "perf/peak_rss_gb": torch.tensor(peak_rss_gb()),
         }
         self.log_dict({**common, **metrics}, on_step=True, on_epoch=False, batch_size=mask.size(0), sync_dist=True)
         self.log("objective/scores_pb", common["objective/scores"], prog_bar=True, logger=False)

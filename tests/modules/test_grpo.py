@@ -67,7 +67,7 @@ def test_critic_free_methods_raise_the_reward(method, tmp_path, parity_models, d
 def test_grpo_lora_override_trains_only_adapters(tmp_path, parity_models, data_root):
     policy, reward = parity_models
     base_before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
-    run(["grpo", "lora"], tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
+    run(["grpo", "lora/grpo_rloo"], tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
     module = GRPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.trainable_params["policy"] == sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" in n)
     assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n), "adapters did not train"
