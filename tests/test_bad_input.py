@@ -4,6 +4,7 @@ half-written. One test per row of the README's "Bad input" table; rows already c
 that test in the table instead."""
 
 import argparse
+import json
 import math
 import shutil
 from pathlib import Path
@@ -30,6 +31,7 @@ from lit_rlhf.data.wikitext import WikiText2DataModule
 from lit_rlhf.errors import NonFiniteError, UserInputError
 from lit_rlhf.eval import gan_report, tinygpt_results
 from lit_rlhf.eval.generation import generate_responses
+from lit_rlhf.eval.rlhf import load_lora_policy
 from lit_rlhf.models.hf import chat_prompt_ids, load_causal_lm, load_sequence_scorer, load_tokenizer
 from lit_rlhf.modules.dcgan import DCGAN
 from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
@@ -337,7 +339,12 @@ def test_ppo_reward_model_path_pointing_at_a_policy_is_refused(parity_models):
 
 def evaluate_args(fake_runs, out: Path, **overrides) -> list[str]:
     root, base, reward, full, lora_run = fake_runs
-    settings = {"reward_model": reward, "base_model": base, "ppo_full": full, "ppo_lora": lora_run, "out_dir": out,
+    policies = {}
+    for name, key, default in (("PPO (full)", "ppo_full", full), ("PPO (LoRA)", "ppo_lora", lora_run)):
+        run = overrides.pop(key, default)
+        if run not in (None, "null"):
+            policies[name] = str(run)
+    settings = {"reward_model": reward, "base_model": base, "policies": json.dumps(policies), "out_dir": out,
                 "max_new_tokens": 4, "batch_size": 25, "bootstrap_resamples": 100, **overrides}
     return ["--config", str(REPO / "configs/evaluate.yaml"), *[f"--{k}={v}" for k, v in settings.items()]]
 
@@ -366,7 +373,7 @@ def test_evaluation_ppo_run_without_its_export(fake_runs, tmp_path, capsys):
     full = shutil.copytree(fake_runs[3], tmp_path / "ppo_full")
     shutil.rmtree(full / "policy")
     message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", ppo_full=full)))
-    assert "No exported full-PPO policy at" in message and "Run configs/ppo_full.yaml first" in message
+    assert "No exported policy in" in message and "policy/ (a full fine-tune) or policy_adapter/ (LoRA)" in message
 
 
 def test_tinygpt_results_of_a_folder_that_is_no_run(tmp_path, capsys):
@@ -386,7 +393,9 @@ def test_evaluation_long_prompts_are_cut_from_the_left_when_generating(fake_runs
 
 
 def test_evaluation_nan_rewards_stop_before_anything_is_written(fake_runs, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "score_responses", lambda model, tok, prompts, *args: torch.full((len(prompts),), math.nan))
+    from lit_rlhf.eval import rlhf
+
+    monkeypatch.setattr(rlhf, "score_responses", lambda model, tok, prompts, *args: torch.full((len(prompts),), math.nan))
     out = tmp_path / "eval"
     message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, ppo_full="null", ppo_lora="null",
                                                                     eval_prompts=fake_runs[3] / "eval_prompts.jsonl")))
@@ -422,8 +431,8 @@ def other_bases(tmp_path_factory, smol_tokenizer_dir) -> dict[str, Path]:
 def test_evaluation_lora_adapter_on_the_wrong_base_model(fake_runs, other_bases, base):
     adapter = fake_runs[4] / "policy_adapter"
     with pytest.raises(UserInputError, match="does not fit the base model .*base_model_name_or_path"):
-        evaluate.load_lora_policy(str(other_bases[base]), adapter)
-    assert evaluate.load_lora_policy(str(fake_runs[1]), adapter) is not None  # its own base loads
+        load_lora_policy(str(other_bases[base]), adapter)
+    assert load_lora_policy(str(fake_runs[1]), adapter) is not None  # its own base loads
 
 
 def test_evaluation_lora_adapter_on_the_wrong_base_through_the_command(fake_runs, other_bases, tmp_path, capsys):
@@ -451,7 +460,7 @@ def test_evaluation_truncated_adapter_or_policy_weights(fake_runs, tmp_path, cap
     lora_run = tmp_path / "ppo_lora"
     truncated_folder(fake_runs[4], lora_run, "policy_adapter/adapter_model.safetensors")
     with pytest.raises(UserInputError, match="Could not read the LoRA adapter weights .* truncated or corrupt"):
-        evaluate.load_lora_policy(str(fake_runs[1]), lora_run / "policy_adapter")
+        load_lora_policy(str(fake_runs[1]), lora_run / "policy_adapter")
     full = truncated_folder(fake_runs[3], tmp_path / "ppo_full", "policy/model.safetensors")
     message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", ppo_full=full,
                                                                     ppo_lora="null")))

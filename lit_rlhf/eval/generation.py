@@ -54,3 +54,29 @@ def is_truncated(token_ids: list[int], max_new_tokens: int) -> bool:
     """Whether a response of `generate_responses` was cut off: it holds ids up to its first EOS, so
     only a response that found no EOS within `max_new_tokens` is that long."""
     return len(token_ids) >= max_new_tokens
+
+
+@torch.no_grad()
+def response_logprobs(
+    model, tokenizer, prompts: list, token_ids: list[list[int]], temperature: float, max_prompt_length: int = 256,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """log p(token | prompt, earlier tokens) of each response token under logits / temperature, the
+    distribution `generate_responses` sampled from; prompts are encoded as it encoded them."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad, scale = tokenizer.pad_token_id, temperature if temperature > 0 else 1.0
+    result = []
+    for start in range(0, len(prompts), batch_size):
+        pairs = [(chat_prompt_ids(tokenizer, p, max_prompt_length)[0], list(r))
+                 for p, r in zip(prompts[start : start + batch_size], token_ids[start : start + batch_size])]
+        width = max(len(q) + len(r) for q, r in pairs)
+        longest = max(max(len(r) for _, r in pairs), 1)
+        ids = torch.tensor([[pad] * (width - len(q) - len(r)) + q + r for q, r in pairs], device=device)
+        attention = torch.tensor([[0] * (width - len(q) - len(r)) + [1] * (len(q) + len(r)) for q, r in pairs],
+                                 device=device)  # fmt: skip
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
+                       use_cache=False, logits_to_keep=longest + 1).logits[:, :-1]  # fmt: skip
+        logp = torch.log_softmax(logits.float() / scale, dim=-1).gather(2, ids[:, -longest:].unsqueeze(-1)).squeeze(-1)
+        result += [logp[row, longest - len(r) :].cpu() for row, (_, r) in enumerate(pairs)]
+    return result

@@ -165,14 +165,15 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
     evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(reward),
-                   "--base_model", str(base), "--ppo_full", str(full), "--ppo_lora", str(lora_run),
+                   "--base_model", str(base), "--policies", json.dumps({"PPO (full)": str(full), "PPO (LoRA)": str(lora_run)}),
                    "--out_dir", str(out), "--max_new_tokens", "6", "--batch_size", "25",
                    "--bootstrap_resamples", "500", "--wandb_mode", "offline"])
     rewards = pd.read_csv(out / "rewards.csv")
     assert len(rewards) == 150 and set(rewards.model) == {"Pretrained", "PPO (full)", "PPO (LoRA)"}
     summary = json.loads((out / "summary.json").read_text())
     gain = summary["PPO (full)"]["reward_gain"]
-    expected = rewards[rewards.model == "PPO (full)"].reward.mean() - rewards[rewards.model == "Pretrained"].reward.mean()
+    expected = (rewards[rewards.model == "PPO (full)"].training_reward.mean()
+                - rewards[rewards.model == "Pretrained"].training_reward.mean())
     assert gain["mean"] == pytest.approx(expected, abs=1e-6) and gain["low"] <= gain["mean"] <= gain["high"]
     # 6 new tokens: a response without EOS has 6 tokens and counts as truncated
     assert (rewards.truncated == (rewards.length == 6)).all() and rewards.truncated.any()
@@ -180,9 +181,9 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
         assert summary[model]["truncated_share"] == pytest.approx(group.truncated.mean())
     report = (out / "report.md").read_text()
     assert "| Truncated share |" in report and f"| {summary['Pretrained']['truncated_share']:.0%} |" in report
-    assert "Overlap with the reward model's data unknown" in report  # its export records nothing
+    assert "Overlap with the training reward model's data unknown" in report  # its export records nothing
     assert "reading at most 512 tokens with at least 64 for the prompt" in report
-    assert "Gain vs pretrained" in report and "kl.png" in report and (out / "kl.png").stat().st_size > 1000
+    assert "Length-controlled gain" in report and "KL to base (per token)" in report and "kl.png" in report and (out / "kl.png").stat().st_size > 1000
     assert "inside the band" in report and "below the band" in report
     assert report.count("| Prompt 1:") == 3 and "Hallucination/toxicity" in report
     generations = json.loads((out / human_ratings.GENERATIONS_FILE).read_text())
@@ -200,7 +201,7 @@ def test_evaluation_needs_enough_prompts(fake_runs, tmp_path):
     root, base, reward, full, lora_run = fake_runs
     with pytest.raises(SystemExit):
         evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(reward),
-                       "--base_model", str(base), "--ppo_full", str(full), "--ppo_lora", "null",
+                       "--base_model", str(base), "--policies", json.dumps({"PPO (full)": str(full)}),
                        "--out_dir", str(tmp_path / "e"), "--num_prompts", "10"])
     assert not (tmp_path / "e").exists()
 
@@ -226,24 +227,26 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
     prompt_file = tmp_path / "eval_prompts.jsonl"
     prompt_file.write_text("\n".join(json.dumps(p) for p in prompts))
     calls = []
-    real_score = evaluate.score_responses
+    from lit_rlhf.eval import rlhf
+
+    real_score = rlhf.score_responses
 
     def recording_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens):
         calls.append((prompts, max_length, min_prompt_tokens))
         return real_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens)
 
-    monkeypatch.setattr(evaluate, "score_responses", recording_score)
+    monkeypatch.setattr(rlhf, "score_responses", recording_score)
     args = ["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(exported), "--base_model", str(base),
-            "--ppo_full", str(full), "--ppo_lora", "null", "--eval_prompts", str(prompt_file), "--min_prompts", "12",
+            "--policies", json.dumps({"PPO (full)": str(full)}), "--eval_prompts", str(prompt_file), "--min_prompts", "12",
             "--max_new_tokens", "4", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"]
     evaluate.main([*args, "--out_dir", str(tmp_path / "as_trained")])
     assert [c[1:] for c in calls] == [(96, 24), (96, 24)]
     assert calls[0][0][5] == prompts[5]["prompt"]  # scored as the conversation it is
     report = (tmp_path / "as_trained" / "report.md").read_text()
     assert "reading at most 96 tokens with at least 24 for the prompt (as it was trained)" in report
-    assert "Warning: 3 evaluation prompts share a message tree with the reward model's training" in report
+    assert "Warning: 3 evaluation prompts share a message tree with the training reward model's training" in report
     summary = json.loads((tmp_path / "as_trained" / "summary.json").read_text())
-    assert summary["prompts_seen_by_reward_model"] == 3 and summary["reward_max_length"] == 96
+    assert summary["prompts_seen_by_training_reward_model"] == 3 and summary["training_reward_max_length"] == 96
     rewards = pd.read_csv(tmp_path / "as_trained" / "rewards.csv")
     assert rewards.prompt[5] == "user: What is 2 plus 2?\nassistant: 4.\nuser: And times 3?"
     assert "warning" not in capsys.readouterr().out
@@ -257,4 +260,57 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
         capsys.readouterr().out)
     report = (tmp_path / "override" / "report.md").read_text()
     assert "reward_max_length overrides the max length 96 it was trained with" in report
-    assert "0 evaluation prompts share a message tree with the reward model's training/validation data" in report
+    assert "0 evaluation prompts share a message tree with the training reward model's training/validation data" in report
+
+
+@pytest.mark.parametrize(
+    ("training", "judge", "length_controlled", "verdict"),
+    [
+        ((0.05, -0.05, 0.15), (0.02, -0.1, 0.1), (0.04, -0.06, 0.14), "no significant gain under the training"),
+        ((0.3, 0.1, 0.5), (0.02, -0.1, 0.14), (0.28, 0.1, 0.45), "possible reward hacking: .* judge reward model"),
+        ((0.3, 0.1, 0.5), (0.25, 0.05, 0.45), (0.05, -0.1, 0.2), "possible reward hacking: .* length explains most"),
+        ((0.3, 0.1, 0.5), None, (0.05, -0.1, 0.2), "possible reward hacking: .* length explains most"),
+        ((0.3, 0.1, 0.5), (0.25, 0.05, 0.45), (0.27, 0.08, 0.46), "significant gain under the training .* and under the judge"),
+    ],
+)
+def test_reward_hacking_reading_follows_the_numbers(training, judge, length_controlled, verdict):
+    import re
+
+    from lit_rlhf.eval.rlhf import reward_hacking_reading
+    from lit_rlhf.eval.stats import Interval
+
+    reading = reward_hacking_reading("GRPO", Interval(*training), Interval(*judge) if judge else None,
+                                     Interval(*length_controlled))  # fmt: skip
+    assert re.search(verdict, reading), reading
+    assert ("possible reward hacking" in reading) == ("hacking" in verdict)
+
+
+def test_length_controlled_gain_removes_a_gain_that_is_only_length():
+    """A policy whose extra reward is exactly what its extra length buys gains nothing once length is controlled."""
+    from lit_rlhf.eval.rlhf import length_residuals
+
+    rng = np.random.default_rng(0)
+    base_len, policy_len = rng.integers(10, 50, 200), rng.integers(40, 90, 200)
+    lengths = pd.Series(np.concatenate([base_len, policy_len]))
+    rewards = 0.02 * lengths + pd.Series(rng.normal(0, 0.01, 400))
+    residuals = length_residuals(rewards, lengths)
+    raw_gain = rewards[200:].mean() - rewards[:200].mean()
+    assert raw_gain > 0.5 and abs(residuals[200:].mean() - residuals[:200].mean()) < 0.01
+
+
+def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tmp_path):
+    """Any number of policies, each with its KL to the base on its own samples: 0 for the base itself."""
+    root, base, reward, full, lora_run = fake_runs
+    out = tmp_path / "evaluation"
+    evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(reward),
+                   "--judge_reward_model", str(reward), "--base_model", str(base),
+                   "--policies", json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
+                   "--eval_prompts", str(full / "eval_prompts.jsonl"), "--out_dir", str(out), "--max_new_tokens", "5",
+                   "--batch_size", "25", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["Same as base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["PPO (full)"]["kl_to_base"] > 0.01
+    # the same reward model as judge: the judge's gains are the training gains
+    assert summary["PPO (full)"]["judge_reward_gain"] == summary["PPO (full)"]["reward_gain"]
+    report = (out / "report.md").read_text()
+    assert "Judge-RM gain" in report and "Same as base: per-token KL to the base model" in report

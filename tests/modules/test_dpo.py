@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from lit_rlhf.cli import main
 from lit_rlhf.data.preference import SHPDataModule
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.evaluate import load_lora_policy
+from lit_rlhf.eval.rlhf import load_lora_policy
 from lit_rlhf.modules.dpo import DPOModule
 from lit_rlhf.modules.online import LoraSettings
 

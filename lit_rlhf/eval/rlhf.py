@@ -1,0 +1,383 @@
+"""The RLHF evaluation as one computation over any number of policies.
+
+Every policy (and the base model) answers the same unseen prompts with one seed and one decoding
+setting; the responses are scored by the training reward model (the one the policies optimised)
+and, when given, by a judge reward model trained on other message trees. Per policy the result
+holds the gains over the base model with paired 95% intervals under both, a length-controlled gain
+(the gain of the rewards' residuals after regressing reward on response length), the per-token KL
+to the base model measured on the evaluation's own samples (the same way for every method), and
+readings that flag possible reward hacking. `lit_rlhf.eval.rlhf_report` renders the result.
+"""
+
+import gc
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors import SafetensorError
+
+from lit_rlhf.artifacts import reward_model_info, reward_model_scoring, reward_model_seen
+from lit_rlhf.data.oasst1_prompts import EVAL_PROMPTS_FILE, read_eval_prompts
+from lit_rlhf.errors import NonFiniteError, UserInputError, reason
+from lit_rlhf.eval.generation import generate_responses, is_truncated, response_logprobs
+from lit_rlhf.eval.kl_monitor import interpret_kl, ppo_curves
+from lit_rlhf.eval.runs import read_metrics
+from lit_rlhf.eval.stats import Interval, bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer, require_tokenizer_fits
+from lit_rlhf.models.scoring import score_responses
+
+BASE = "Pretrained"
+JUDGES = ("training", "judge")
+
+
+@dataclass
+class EvalSettings:
+    """What to compare and how.
+
+    `policies` maps a name to a training run folder holding its export (`policy/`, or a LoRA
+    `policy_adapter/` on `base_model`): any number of PPO, GRPO, RLOO or DPO runs. `reward_model`
+    is the training reward model (the policies optimised it); `judge_reward_model`, trained on other
+    message trees, is a second opinion the policies never saw. `reward_max_length`: null scores with
+    the max length each reward model was trained with (its export record); a value overrides it,
+    with a warning when it differs. `eval_prompts`: a JSONL of `prompt, message_id, message_tree_id`
+    rows (default: the one the first policy run wrote)."""
+
+    reward_model: str = "runs/reward_model/reward_model"
+    judge_reward_model: str | None = None
+    base_model: str = DEFAULT_MODEL
+    policies: dict[str, str] = field(default_factory=lambda: {"PPO (full)": "runs/ppo_full", "PPO (LoRA)": "runs/ppo_lora"})
+    eval_prompts: str | None = None
+    out_dir: str = "runs/evaluation"
+    num_prompts: int | None = None
+    min_prompts: int = 50
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    max_prompt_length: int = 256
+    reward_max_length: int | None = None
+    batch_size: int = 16
+    seed: int = 1234
+    human_eval_prompts: int = 3
+    human_eval_seed: int = 7
+    kl_low: float = 0.02
+    kl_high: float = 0.1
+    bootstrap_resamples: int = 10000
+    reward_model_run: str | None = None
+    data_note: str | None = None
+    wandb_project: str = "lit_rlhf"
+    wandb_mode: str = "offline"
+
+
+@dataclass
+class Judge:
+    """A reward model as the evaluation used it: how it scored and how many prompts it had seen."""
+
+    role: str
+    path: str
+    scoring: dict
+    overlap: int | None
+
+
+@dataclass
+class EvalResult:
+    settings: EvalSettings
+    records: pd.DataFrame  # one row per (model, prompt)
+    judges: list[Judge]
+    summary: dict[str, dict]  # per model
+    kl_curves: dict[str, pd.DataFrame]  # per policy run that logged a KL series
+    readings: list[str]
+    human: dict[str, list[dict]]  # the rated generations per model
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def policy_export(run: str | Path) -> tuple[Path, bool]:
+    """(export folder, is a LoRA adapter) of a training run folder, or the export folder itself."""
+    run = Path(run)
+    for folder, adapter in ((run / "policy", False), (run / "policy_adapter", True), (run, (run / "adapter_config.json").exists())):
+        if (folder / ("adapter_config.json" if adapter else "config.json")).exists():
+            return folder, adapter
+    raise UserInputError(
+        f"No exported policy in '{run}': expected policy/ (a full fine-tune) or policy_adapter/ (LoRA) inside it, "
+        "which a PPO, GRPO, RLOO or DPO run writes when its fit ends. Run that stage first or fix the path."
+    )
+
+
+def load_policy(base_model: str, run: str) -> tuple:
+    folder, adapter = policy_export(run)
+    model = load_lora_policy(base_model, folder) if adapter else load_causal_lm(str(folder))
+    return model, load_tokenizer(str(folder), padding_side="left")
+
+
+def load_lora_policy(base_model: str, folder: Path):
+    """The base model with a LoRA adapter merged in.
+
+    PEFT loads adapter weights non-strictly: on a base model with fewer layers the extra adapter
+    tensors are dropped, with more layers some LoRA layers stay untrained, and neither is an error.
+    Here every adapter tensor must land and every LoRA layer must get one.
+    """
+    try:
+        saved = set(load_peft_weights(str(folder)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise UserInputError(
+            f"Could not read the LoRA adapter weights in '{folder}' ({reason(error)}): the file is truncated or "
+            "corrupt. Copy the folder again or re-run the stage that wrote it."
+        ) from error
+    trained_on = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+    def mismatch(detail: str) -> UserInputError:
+        return UserInputError(
+            f"The LoRA adapter in '{folder}' does not fit the base model '{base_model}' ({detail}). Set base_model "
+            f"to the model the adapter was trained on ('{trained_on}', base_model_name_or_path in adapter_config.json)."
+        )
+
+    try:
+        model = PeftModel.from_pretrained(load_causal_lm(base_model), folder)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise mismatch(reason(error)) from error
+    loaded = set(get_peft_model_state_dict(model))
+    if saved != loaded:
+        raise mismatch(f"{len(saved - loaded)} adapter tensors have no place in it and {len(loaded - saved)} of its "
+                       "LoRA tensors are missing from the adapter")
+    return model.merge_and_unload()
+
+
+def eval_prompt_file(s: EvalSettings) -> Path:
+    if s.eval_prompts:
+        return Path(s.eval_prompts)
+    for run in s.policies.values():
+        if (Path(run) / EVAL_PROMPTS_FILE).exists():
+            return Path(run) / EVAL_PROMPTS_FILE
+    raise UserInputError("No eval_prompts given and no policy run folder holds eval_prompts.jsonl (PPO, GRPO and "
+                         "RLOO runs write it; for DPO runs pass --eval_prompts).")
+
+
+def _valid_prompt(prompt) -> bool:
+    """A non-empty text, or a conversation of {role, content} messages that ends with the user's turn."""
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)
+        and prompt[-1].get("role") == "user"
+    )
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as people read it: the text, or a conversation as `role: content` lines."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def load_eval_prompts(s: EvalSettings) -> list[dict]:
+    """The prompt rows, checked: a hand-edited or foreign file fails here, not after generation."""
+    file = eval_prompt_file(s)
+    try:
+        rows = read_eval_prompts(file)
+    except ValueError as error:  # a line that is not JSON
+        raise UserInputError(f"'{file}' is not a JSON-lines file ({reason(error)}). Fix the line or re-run PPO.") from error
+    bad = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or not _valid_prompt(row.get("prompt"))]
+    if bad:
+        raise UserInputError(
+            f"{len(bad)} rows of '{file}' (the first is row {bad[0]}) have no non-empty 'prompt' text. Evaluation "
+            'prompts are JSON lines {"prompt": ..., "message_id": ..., "message_tree_id": ...} as the PPO stage '
+            "writes them ('prompt' is a text, or a conversation as a list of {\"role\", \"content\"} messages "
+            "ending with the user's turn)."
+        )
+    rows = rows[: s.num_prompts]
+    if len(rows) < s.min_prompts:
+        raise UserInputError(
+            f"Only {len(rows)} unseen evaluation prompts; the evaluation asks for at least {s.min_prompts}. "
+            "Raise data.num_eval_prompts in the PPO run (its log says when the data holds too few prompts the "
+            "reward model did not see) or lower min_prompts."
+        )
+    return rows
+
+
+def scoring_settings(path: str, override: int | None) -> dict:
+    """How a reward model reads (prompt, response): as it was trained (its export record), unless
+    `override` replaces the max length."""
+    recorded = "scoring" in reward_model_info(path)
+    scoring = {
+        **reward_model_scoring(path),
+        "scoring_source": "as it was trained" if recorded else "the old defaults: its export records no settings",
+    }
+    if override is not None and override != scoring["max_length"]:
+        print(
+            f"[lit_rlhf] warning: scoring with reward_max_length {override}, but the reward model was "
+            f"trained with max length {scoring['max_length']} ({path}); its rewards may be off."
+        )
+        scoring["scoring_source"] = f"reward_max_length overrides the max length {scoring['max_length']} it was trained with"
+        scoring["max_length"] = override
+    return scoring
+
+
+def reward_model_overlap(path: str, rows: list[dict]) -> int | None:
+    """How many evaluation prompts come from a message tree (or are a post) the reward model
+    trained or validated on; None when its export does not record them."""
+    if "trained_on" not in reward_model_info(path):
+        return None
+    seen = reward_model_seen(path)
+    return sum(r.get("message_tree_id") in seen["message_tree_ids"] or r.get("message_id") in seen["post_ids"]
+               for r in rows)
+
+
+# ---------------------------------------------------------------------------- statistics and readings
+
+
+def length_residuals(rewards: pd.Series, lengths: pd.Series) -> np.ndarray:
+    """Rewards less what a straight line in response length predicts (fit over all responses)."""
+    slope, intercept = np.polyfit(lengths.to_numpy(float), rewards.to_numpy(float), 1)
+    return rewards.to_numpy(float) - (intercept + slope * lengths.to_numpy(float))
+
+
+def reward_hacking_reading(name: str, training: Interval, judge: Interval | None, length_controlled: Interval) -> str:
+    """A reading of one policy's gains that follows the numbers (significant = 95% interval above 0)."""
+    if training.low <= 0:
+        return f"{name}: no significant gain under the training reward model ({training})."
+    flags = []
+    if judge is not None and judge.low <= 0:
+        flags.append(f"the judge reward model, which it never trained against, sees no significant gain ({judge})")
+    if length_controlled.mean < 0.5 * training.mean:
+        flags.append(f"length explains most of the gain (length-controlled gain {length_controlled} "
+                     f"of {training.mean:+.3f})")
+    if flags:
+        return f"{name}: possible reward hacking: a significant training-RM gain ({training}), but " + "; and ".join(flags) + "."
+    judged = f" and under the judge ({judge})" if judge is not None else " (no judge reward model given)"
+    return (f"{name}: significant gain under the training reward model ({training}){judged}, and most of it "
+            f"remains after controlling for length ({length_controlled}).")
+
+
+def kl_reading(name: str, kl: float, low: float, high: float) -> str:
+    where = "inside" if low <= kl <= high else ("above" if kl > high else "below")
+    return f"{name}: per-token KL to the base model on the evaluation prompts is {kl:.4f}, {where} the {low}-{high} band."
+
+
+def training_cost(run: str) -> dict:
+    """Mean seconds per iteration (or step) and peak RSS of a training run, from its metrics."""
+    try:
+        metrics = read_metrics(run)
+    except UserInputError:
+        return {}
+    cost = {}
+    if "time/iteration_s" in metrics:
+        cost["seconds_per_iteration"] = float(metrics["time/iteration_s"].dropna().mean())
+    if "perf/peak_rss_gb" in metrics:
+        cost["peak_rss_gb"] = float(metrics["perf/peak_rss_gb"].dropna().max())
+    return {k: v for k, v in cost.items() if not math.isnan(v)}
+
+
+def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> dict[str, dict]:
+    """Per model: mean rewards and, for policies, gains (raw and length-controlled) under each judge."""
+    summary, ci = {}, {"n_resamples": s.bootstrap_resamples, "seed": s.seed}
+    residuals = {j.role: length_residuals(records[f"{j.role}_reward"], records.length) for j in judges}
+    base_rows = (records.model == BASE).to_numpy()
+    for model, group in records.groupby("model", sort=False):
+        rows = (records.model == model).to_numpy()
+        entry = {"mean_length": float(group.length.mean()), "truncated_share": float(group.truncated.mean()),
+                 "repetition": float(group.repetition.mean())}
+        for judge in judges:
+            key = "" if judge.role == "training" else "judge_"
+            values = group[f"{judge.role}_reward"].to_numpy(float)
+            entry[f"{key}mean_reward"] = asdict(bootstrap_mean_ci(values, **ci))
+            if model != BASE:
+                base = records[f"{judge.role}_reward"].to_numpy(float)[base_rows]
+                entry[f"{key}reward_gain"] = asdict(paired_gain_ci(values, base, **ci))
+                entry[f"{key}length_controlled_gain"] = asdict(
+                    paired_gain_ci(residuals[judge.role][rows], residuals[judge.role][base_rows], **ci))
+                entry[f"{key}win_rate"] = win_rate(values, base)
+        if model != BASE:
+            entry["length_change"] = float(group.length.mean() - records[base_rows].length.mean())
+            entry["kl_to_base"] = float(group.kl_sum.sum() / max(group.length.sum(), 1))
+            entry["training"] = training_cost(s.policies[model])
+        summary[model] = entry
+    return summary
+
+
+# ---------------------------------------------------------------------------- the computation
+
+
+def evaluate(s: EvalSettings) -> EvalResult:
+    """Generate, measure KL, score; every input is read and checked before the long generation."""
+    prompt_rows = load_eval_prompts(s)
+    prompts = [row["prompt"] for row in prompt_rows]
+    texts = [prompt_text(p) for p in prompts]
+    paths = {"training": s.reward_model, "judge": s.judge_reward_model}
+    judges = [Judge(role, path, scoring_settings(path, s.reward_max_length), reward_model_overlap(path, prompt_rows))
+              for role, path in paths.items() if path]  # fmt: skip
+    for judge in judges:
+        load_tokenizer(judge.path)  # a missing or offline reward model stops here, not after generation
+    for run in s.policies.values():
+        policy_export(run)
+    kl_curves = {}
+    for name, run in s.policies.items():
+        try:
+            kl_curves[name] = ppo_curves(run)
+        except UserInputError:  # DPO and other offline methods log no KL series
+            pass
+
+    base_model, base_tokenizer = load_causal_lm(s.base_model), load_tokenizer(s.base_model, padding_side="left")
+    require_tokenizer_fits(base_model, base_tokenizer, BASE)
+    rng = np.random.default_rng(s.human_eval_seed)
+    human_ids = sorted(rng.choice(len(texts), size=min(s.human_eval_prompts, len(texts)), replace=False).tolist())
+    records, human = [], {}
+    for name in [BASE, *s.policies]:
+        model, tokenizer = (base_model, base_tokenizer) if name == BASE else load_policy(s.base_model, s.policies[name])
+        require_tokenizer_fits(model, tokenizer, name)
+        responses, token_ids = generate_responses(
+            model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
+            desc=f"generating ({name})",
+        )
+        kl_sums = [0.0] * len(prompts)
+        if name != BASE:  # k1 KL on the policy's own samples, both at the sampling temperature
+            own = response_logprobs(model, tokenizer, prompts, token_ids, s.temperature, s.max_prompt_length, s.batch_size)
+            ref = response_logprobs(base_model, base_tokenizer, prompts, token_ids, s.temperature, s.max_prompt_length,
+                                    s.batch_size)  # fmt: skip
+            kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]
+            del model
+            gc.collect()
+        for i, (response, ids) in enumerate(zip(responses, token_ids)):
+            records.append({"model": name, "prompt_id": i, "prompt": texts[i], "response": response, "length": len(ids),
+                            "truncated": is_truncated(ids, s.max_new_tokens), "repetition": repetition_rate(ids),
+                            "kl_sum": kl_sums[i]})  # fmt: skip
+        human[name] = [{"prompt": texts[i], "response": responses[i]} for i in human_ids]
+    del base_model
+    records = pd.DataFrame(records)
+    for judge in judges:
+        records[f"{judge.role}_reward"] = score_with(judge, prompts, records, s)
+    summary = summarise(records, s, judges)
+    readings = [interpret_kl(c["objective/kl_per_token"].tolist(), s.kl_low, s.kl_high, name)
+                for name, c in kl_curves.items()]  # fmt: skip
+    for name in s.policies:
+        entry = summary[name]
+        judge = Interval(**entry["judge_reward_gain"]) if "judge_reward_gain" in entry else None
+        readings.append(reward_hacking_reading(name, Interval(**entry["reward_gain"]), judge,
+                                               Interval(**entry["length_controlled_gain"])))
+        readings.append(kl_reading(name, entry["kl_to_base"], s.kl_low, s.kl_high))
+    return EvalResult(s, records, judges, summary, kl_curves, readings, human)
+
+
+def score_with(judge: Judge, prompts: list, records: pd.DataFrame, s: EvalSettings) -> list[float]:
+    """Every model's responses scored by one reward model (loaded for this alone)."""
+    tokenizer = load_tokenizer(judge.path, padding_side="right")
+    model = load_sequence_scorer(judge.path, tokenizer.pad_token_id, trained_head=True).eval()
+    require_tokenizer_fits(model, tokenizer, f"the {judge.role} reward model '{judge.path}'")
+    scores = []
+    for name, group in records.groupby("model", sort=False):
+        values = score_responses(model, tokenizer, prompts, group.response.tolist(), judge.scoring["max_length"],
+                                 s.batch_size, judge.scoring["min_prompt_tokens"])  # fmt: skip
+        if not torch.isfinite(values).all():
+            raise NonFiniteError(
+                f"The {judge.role} reward model '{judge.path}' gave NaN/inf rewards to "
+                f"{int((~torch.isfinite(values)).sum())} of the {len(values)} responses of {name}: its weights are "
+                "broken (a diverged reward-model run?). Evaluate with the best reward-model export, or retrain it "
+                "with a lower learning rate."
+            )
+        scores += values.tolist()
+    return scores
