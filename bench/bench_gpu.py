@@ -96,12 +96,12 @@ def peak_memory_gb() -> float:
 def oasst1_sample() -> tuple[Path, list[dict]]:
     """The first oasst1-schema table in lit_rlhf/samples, read by the project's reader: a replaced
     or renamed sample is picked up as it is."""
-    from lit_rlhf.data.files import TABLE_FORMATS
+    from lit_rlhf.data.files import table_format
     from lit_rlhf.data.oasst1 import read_oasst1_rows
     from lit_rlhf.errors import UserInputError
 
     for file in sorted(SAMPLES.iterdir()):
-        if file.suffix in TABLE_FORMATS:
+        if table_format(file):
             try:
                 return file, read_oasst1_rows(str(file))
             except UserInputError:  # another schema (the SHP sample)

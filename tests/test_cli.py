@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 from jsonargparse import Namespace
 
-from lit_rlhf import pipeline
 from lit_rlhf.cli import main, place_outputs_under_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,18 +51,6 @@ def test_outputs_are_placed_under_the_run_folder():
     assert trainer.logger[1].init_args.save_dir == "runs/x"
     assert trainer.callbacks[0].init_args.dirpath == "runs/x/checkpoints"
     assert trainer.callbacks[1].init_args.dirpath == "/abs/elsewhere"
-
-
-def test_pipeline_skips_finished_stages_and_feeds_outputs_by_path(tmp_path, capsys):
-    stages = pipeline.stages(tmp_path, "embedded:smollm2", "prefs.jsonl", "rows.jsonl", quick=False)
-    assert [s.name for s in stages] == ["reward_model", "ppo_full", "ppo_lora", "evaluation"]
-    reward_model = str(tmp_path / "reward_model" / "reward_model")
-    assert all(reward_model in s.command for s in stages[1:])
-    for stage in stages:
-        stage.output.parent.mkdir(parents=True, exist_ok=True)
-        stage.output.touch()
-        stage.run()  # would launch a training if the output were missing
-    assert capsys.readouterr().out.count("done already") == 4
 
 
 @pytest.mark.parametrize("scale", sorted((REPO / "configs" / "scale").glob("*.yaml")), ids=lambda p: p.stem)
