@@ -12,6 +12,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# The folders and files a stage leaves in its run folder (trainer.default_root_dir), named once here.
+REWARD_MODEL = "reward_model"  # the reward-model stage's export (HF folder)
+POLICY = "policy"  # a fully fine-tuned policy (HF folder): PPO, GRPO, RLOO, DPO
+POLICY_ADAPTER = "policy_adapter"  # a LoRA policy (peft folder)
+EVAL_PROMPTS = "eval_prompts.jsonl"  # the unseen prompts an online run held out
 REWARD_MODEL_INFO = "lit_rlhf_export.json"
 # The scoring settings of exports that predate the record (the old defaults of PPO and evaluate).
 LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64, "chat_template": True}

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_rlhf.artifacts import EVAL_PROMPTS, POLICY, POLICY_ADAPTER, REWARD_MODEL
 from lit_rlhf.errors import UserInputError, as_paragraph
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,8 @@ SETTINGS = {
              "preference_data": "stanfordnlp/SHP", "overrides": []},
 }  # fmt: skip
 # Policy stages: (config name, export folder inside the run).
-POLICIES = {"ppo_full": ("ppo_full", "policy"), "ppo_lora": ("ppo_lora", "policy_adapter"),
-            "grpo": ("grpo", "policy"), "rloo": ("rloo", "policy"), "dpo": ("dpo", "policy")}  # fmt: skip
+POLICIES = {"ppo_full": ("ppo_full", POLICY), "ppo_lora": ("ppo_lora", POLICY_ADAPTER),
+            "grpo": ("grpo", POLICY), "rloo": ("rloo", POLICY), "dpo": ("dpo", POLICY)}  # fmt: skip
 STAGES = ("pairs", "reward_model", "judge_reward_model", *POLICIES, "evaluation")
 DEFAULT_STAGES = ("pairs", "reward_model", "judge_reward_model", "ppo_full", "ppo_lora", "evaluation")
 NAMES = {"ppo_full": "PPO (full)", "ppo_lora": "PPO (LoRA)", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
@@ -95,17 +96,17 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     pairs = root / "pairs"
     # oasst1 pairs for the training reward model unless other preference data (SHP) is given
     preference = args.preference_data or setting.get("preference_data") or str(pairs / "reward_model")
-    eval_prompts = args.eval_prompts or str(pairs / "eval_prompts.jsonl")
-    reward_model = root / "reward_model" / "reward_model"
-    judge = root / "judge_reward_model" / "reward_model"
+    eval_prompts = args.eval_prompts or str(pairs / EVAL_PROMPTS)
+    reward_model = root / "reward_model" / REWARD_MODEL
+    judge = root / "judge_reward_model" / REWARD_MODEL
     stages = [Stage("pairs", ["lit_rlhf.data.rlhf_splits", str(prompt_data), str(pairs), "--seed", str(args.seed)],
-                    pairs, pairs / "eval_prompts.jsonl")]  # fmt: skip
+                    pairs, pairs / EVAL_PROMPTS)]  # fmt: skip
     for name, data in (("reward_model", preference), ("judge_reward_model", str(pairs / "judge"))):
         folder = root / name
         stages.append(Stage(name, ["lit_rlhf", "fit", *stage_configs("reward_model", setting["overrides"]),
                                    "--model.model_name_or_path", model, "--data.path", data,
                                    "--trainer.default_root_dir", str(folder)],
-                            folder, folder / "reward_model" / "config.json"))  # fmt: skip
+                            folder, folder / REWARD_MODEL / "config.json"))  # fmt: skip
     for name, (config, export) in POLICIES.items():
         folder = root / name
         data = (["--data.path", str(pairs / "reward_model")] if name == "dpo" else
@@ -113,7 +114,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         stages.append(Stage(name, ["lit_rlhf", "fit", *stage_configs(config, setting["overrides"]),
                                    "--model.model_name_or_path", model, "--data.tokenizer_name_or_path", model, *data,
                                    "--trainer.default_root_dir", str(folder)],
-                            folder, folder / export / ("adapter_config.json" if export == "policy_adapter" else "config.json")))  # fmt: skip
+                            folder, folder / export / ("adapter_config.json" if export == POLICY_ADAPTER else "config.json")))  # fmt: skip
     selected = [name for name in args.stages if name in POLICIES]
     policies = {NAMES[name]: str(root / name) for name in selected}
     note = f"pipeline setting '{args.setting}', prompts and pairs from {prompt_data}" + (

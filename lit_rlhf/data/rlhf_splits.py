@@ -9,12 +9,13 @@ models' test split. Policies train on the prompts of the first two groups only.
 import json
 from pathlib import Path
 
+from lit_rlhf.artifacts import EVAL_PROMPTS
 from lit_rlhf.data.oasst1 import oasst1_preference_pairs
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError
 
 GROUPS = {"reward_model": 0.5, "judge": 0.25, "held_out": 0.25}
-PROMPT_ROWS, EVAL_PROMPTS = "prompt_rows.jsonl", "eval_prompts.jsonl"
+PROMPT_ROWS = "prompt_rows.jsonl"
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:

@@ -22,8 +22,8 @@ from peft import PeftModel, get_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors import SafetensorError
 
-from lit_rlhf.artifacts import reward_model_info, reward_model_scoring, reward_model_seen
-from lit_rlhf.data.oasst1_prompts import EVAL_PROMPTS_FILE, read_eval_prompts
+from lit_rlhf.artifacts import EVAL_PROMPTS, POLICY, POLICY_ADAPTER, reward_model_info, reward_model_scoring, reward_model_seen
+from lit_rlhf.data.oasst1_prompts import read_eval_prompts
 from lit_rlhf.errors import NonFiniteError, UserInputError, reason
 from lit_rlhf.eval.generation import generate_responses, is_truncated, response_logprobs
 from lit_rlhf.eval.kl_monitor import interpret_kl, ppo_curves
@@ -100,7 +100,7 @@ class EvalResult:
 def policy_export(run: str | Path) -> tuple[Path, bool]:
     """(export folder, is a LoRA adapter) of a training run folder, or the export folder itself."""
     run = Path(run)
-    for folder, adapter in ((run / "policy", False), (run / "policy_adapter", True), (run, (run / "adapter_config.json").exists())):
+    for folder, adapter in ((run / POLICY, False), (run / POLICY_ADAPTER, True), (run, (run / "adapter_config.json").exists())):
         if (folder / ("adapter_config.json" if adapter else "config.json")).exists():
             return folder, adapter
     raise UserInputError(
@@ -152,8 +152,8 @@ def eval_prompt_file(s: EvalSettings) -> Path:
     if s.eval_prompts:
         return Path(s.eval_prompts)
     for run in s.policies.values():
-        if (Path(run) / EVAL_PROMPTS_FILE).exists():
-            return Path(run) / EVAL_PROMPTS_FILE
+        if (Path(run) / EVAL_PROMPTS).exists():
+            return Path(run) / EVAL_PROMPTS
     raise UserInputError("No eval_prompts given and no policy run folder holds eval_prompts.jsonl (PPO, GRPO and "
                          "RLOO runs write it; for DPO runs pass --eval_prompts).")
 

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from lit_rlhf.artifacts import reward_model_scoring, save_folder_atomically
+from lit_rlhf.artifacts import POLICY, POLICY_ADAPTER, reward_model_scoring, save_folder_atomically
 from lit_rlhf.errors import NonFiniteError
 from lit_rlhf.logging import log_table
 from lit_rlhf.models.hf import load_causal_lm, load_sequence_scorer, load_tokenizer
@@ -345,15 +345,16 @@ class OnlineRLModule(LightningModule):
         `micro_loss` gets the mini-batch's sequence and token counts (global under DDP, divided
         by the world size since DDP averages gradients) and returns sums over its rows divided by
         them, so a mini-batch's loss does not depend on `forward_batch_size`. Statistics are
-        token-weighted means over each mini-batch, averaged over mini-batches.
+        token-weighted means over each mini-batch, averaged over mini-batches; approx-KL statistics
+        are also given for the first epoch alone (`..._first_epoch`).
         """
         optimizers = self.optimizers()
         optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
         mask = ro["mask"]
         batch = mask.size(0)
         totals: dict[str, torch.Tensor] = {}
-        n_mini = 0
-        for _ in range(epochs):
+        n_mini, first_epoch = 0, {}
+        for epoch in range(epochs):
             for mini_idx in torch.randperm(batch, device=mask.device).split(mini_batch_size or batch):
                 for optimizer in optimizers:
                     optimizer.zero_grad()
@@ -375,8 +376,10 @@ class OnlineRLModule(LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
                 n_mini += 1
+            if epoch == 0:  # the ratio's first pass: approx KL here is ~0 unless rollout and update differ
+                first_epoch = {f"{key}_first_epoch": value / n_mini for key, value in totals.items() if "approxkl" in key}
         self._optimizer_steps_per_iteration = n_mini * len(optimizers)
-        return {key: value / n_mini for key, value in totals.items()}
+        return {**{key: value / n_mini for key, value in totals.items()}, **first_epoch}
 
     def log_iteration(self, ro: dict, kl: torch.Tensor, kl_per_token: torch.Tensor, started: float,
                       rollout_seconds: float, metrics: dict, batch_idx: int) -> None:  # fmt: skip
@@ -422,7 +425,7 @@ class OnlineRLModule(LightningModule):
 
     def export(self, root: Path) -> Path:
         """Full variant -> `<root>/policy` (HF folder); LoRA -> `<root>/policy_adapter` (peft folder)."""
-        folder = root / ("policy_adapter" if self.hparams.lora else "policy")
+        folder = root / (POLICY_ADAPTER if self.hparams.lora else POLICY)
 
         def save(staging: Path) -> None:
             self.policy.save_pretrained(staging)
