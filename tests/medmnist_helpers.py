@@ -1,8 +1,10 @@
-"""Tiny `.npz` files in MedMNIST's exact layout (class-dependent images a small CNN tells apart) and a tiny DCGAN fit."""
+"""Tiny `.npz` files in MedMNIST's exact layout (class-dependent images a small CNN tells apart, or
+slices of the real PneumoniaMNIST / BreastMNIST files) and a tiny DCGAN fit."""
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from medmnist import INFO
@@ -41,13 +43,38 @@ def write_tiny_medmnist(root: Path, flag: str, n_train: int = 64, n_val: int = 1
     return save_medmnist_npz(root, flag, splits, size=size)
 
 
-def fit_tiny_dcgan(root: Path, flag: str = "dermamnist", epochs: int = 2) -> tuple[DCGAN, Trainer]:
-    """A width-8 DCGAN fitted on 48 tiny images (3 batches an epoch), run folder `root/run`."""
-    write_tiny_medmnist(root / "data", flag, n_train=48)
-    model = DCGAN(latent_dim=16, ngf=8, ndf=8, sample_every_n_epochs=1, plot_first_epochs=1)
+def real_medmnist(data_root: Path, flag: str) -> Path:
+    """The official `<flag>.npz` under LIT_RLHF_DATA/medmnist (the test is skipped without it)."""
+    path = data_root / "medmnist" / f"{flag}.npz"
+    if not path.exists():
+        pytest.skip(f"{path} not found: the real MedMNIST files live in $LIT_RLHF_DATA/medmnist")
+    return path
+
+
+def real_arrays(data_root: Path, flag: str, split: str, start: int = 0, stop: int | None = None):
+    """(images, labels) of `split`[start:stop] of the real file."""
+    with np.load(real_medmnist(data_root, flag)) as arrays:
+        return arrays[f"{split}_images"][start:stop], arrays[f"{split}_labels"][start:stop]
+
+
+def write_real_slice(data_root: Path, root: Path, flag: str, n_train: int = 64, n_val: int = 16,
+                     n_test: int = 16) -> Path:
+    """The first images of each split of the real file, written in MedMNIST's layout under `root`."""
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    return save_medmnist_npz(root, flag, {split: real_arrays(data_root, flag, split, 0, n) for split, n in counts.items()})
+
+
+def fit_tiny_dcgan(root: Path, flag: str = "dermamnist", epochs: int = 2, data: Path | None = None,
+                   **model_args) -> tuple[DCGAN, Trainer]:
+    """A width-8 DCGAN fitted on 48 images (3 batches an epoch), run folder `root/run`: tiny synthetic
+    ones, or those of the `.npz` already in `data`."""
+    if data is None:
+        data = root / "data"
+        write_tiny_medmnist(data, flag, n_train=48)
+    model = DCGAN(latent_dim=16, ngf=8, ndf=8, sample_every_n_epochs=1, plot_first_epochs=1, **model_args)
     trainer = Trainer(
         default_root_dir=root / "run", max_epochs=epochs, logger=CSVLogger(root / "run", name="csv"),
         log_every_n_steps=1, enable_progress_bar=False, accelerator="cpu",
     )
-    trainer.fit(model, MedMNISTDataModule(flag=flag, root=str(root / "data"), val_split=None, batch_size=16))
+    trainer.fit(model, MedMNISTDataModule(flag=flag, root=str(data), val_split=None, batch_size=16))
     return model, trainer

@@ -1,10 +1,13 @@
-"""MedMNIST (DermaMNIST / ChestMNIST) read through the `medmnist` package, held as one tensor.
+"""Any 2D MedMNIST flag (DermaMNIST, ChestMNIST, PneumoniaMNIST, BreastMNIST, ...) read through the
+`medmnist` package, described by its `INFO` (channels, task, class names), held as one tensor.
 
 A 28×28 MedMNIST set is a few tens of MB of uint8, so the whole split lives in memory (on the
 training device once the trainer is known) and a batch is one indexing op; nothing is decoded to
 PIL per sample as `medmnist`'s own `__getitem__` does.
 """
 
+import difflib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,18 +16,40 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from medmnist import INFO
+from medmnist.dataset import MedMNIST2D
+from pydantic import PositiveInt
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.utils import calculate_md5
 
 from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.errors import UserInputError
 
-FLAGS = ("dermamnist", "chestmnist")
+FLAGS = tuple(flag for flag, info in INFO.items() if issubclass(getattr(medmnist, info["python_class"]), MedMNIST2D))
+SIZES = (28, 64)  # the DCGAN's generator / discriminator stacks
 SPLITS = ("train", "val", "test")
+
+
+def check_flag(flag: str) -> dict:
+    """`INFO[flag]` of a 2D flag, or one paragraph naming the flags `medmnist` knows."""
+    if flag in FLAGS:
+        return INFO[flag]
+    if flag in INFO:
+        problem = f"'{flag}' is a 3D MedMNIST flag (volumes); the DCGAN and the classifier take 2D images."
+    else:
+        close = difflib.get_close_matches(flag, FLAGS, n=1)
+        problem = f"MedMNIST flag '{flag}' is unknown to medmnist {medmnist.__version__}" + (
+            f" (did you mean '{close[0]}'?)." if close else ".")
+    raise UserInputError(f"{problem} Set --data.flag to one of the 2D flags of medmnist's INFO: {', '.join(FLAGS)}.")
 
 
 def npz_name(flag: str, size: int) -> str:
     """The file name `medmnist` looks for: `dermamnist.npz` at 28 px, `dermamnist_64.npz` at 64."""
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def _size_key(key: str, size: int) -> str:
+    """INFO's per-size keys: `url` / `MD5` at 28 px, `url_64` / `MD5_64` at 64."""
+    return key if size == 28 else f"{key}_{size}"
 
 
 def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
@@ -37,23 +62,37 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def layout_problems(flag: str, size: int, images: np.ndarray, labels: np.ndarray) -> list[str]:
+    """How arrays differ from what INFO says `flag` holds (dtype, image shape = channels, label
+    columns, label values); empty when they fit."""
+    info = INFO[flag]
+    expected = (size, size) if info["n_channels"] == 1 else (size, size, 3)
+    multi_label = info["task"].startswith("multi-label")
+    n_columns, n_values = (len(info["label"]), 2) if multi_label else (1, len(info["label"]))
+    problems = []
+    if images.dtype != np.uint8 or images.shape[1:] != expected:
+        problems.append(f"images {images.dtype} (N, {', '.join(map(str, images.shape[1:]))}) where {flag} has uint8 "
+                        f"(N, {', '.join(map(str, expected))}) ({info['n_channels']} channel(s))")
+    if labels.shape != (len(images), n_columns):
+        problems.append(f"labels of shape {labels.shape} where {flag} ({info['task']}) has (N, {n_columns})")
+    elif labels.size and (labels.min() < 0 or labels.max() >= n_values):
+        problems.append(f"label values {labels.min()}..{labels.max()} where {flag} has "
+                        f"{'0/1 per label' if multi_label else f'classes 0..{n_values - 1}'}")
+    return problems
+
+
 def save_medmnist_npz(root: str | Path, flag: str, splits: dict, size: int = 28) -> Path:
     """Write `{split}_images` / `{split}_labels` arrays in MedMNIST's exact `.npz` layout.
 
     `splits` maps "train"/"val"/"test" to (images, labels): uint8 images (N, H, W) for 1-channel
     flags or (N, H, W, 3) for 3-channel ones, labels (N, 1) class ids or (N, L) multi-hot.
     """
-    info = INFO[flag]
     arrays = {}
     for split, (images, labels) in splits.items():
         images, labels = np.asarray(images), np.asarray(labels)
-        expected = (size, size) if info["n_channels"] == 1 else (size, size, 3)
-        if images.dtype != np.uint8 or images.shape[1:] != expected:
-            raise ValueError(f"{flag} {split} images must be uint8 (N, {', '.join(map(str, expected))}), got "
-                             f"{images.dtype} {images.shape}")
-        n_labels = len(info["label"]) if info["task"].startswith("multi-label") else 1
-        if labels.shape != (len(images), n_labels):
-            raise ValueError(f"{flag} {split} labels must have shape (N, {n_labels}), got {labels.shape}")
+        problems = layout_problems(flag, size, images, labels)
+        if problems:
+            raise ValueError(f"{flag} {split}: {'; '.join(problems)}")
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.astype(np.uint8)
     path = Path(root).expanduser() / npz_name(flag, size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,27 +100,51 @@ def save_medmnist_npz(root: str | Path, flag: str, splits: dict, size: int = 28)
     return path
 
 
-def load_split(flag: str, split: str, root: str | Path, size: int = 28, download: bool = False):
-    """(images, labels) numpy arrays of one split through `medmnist.<Flag>MNIST`.
+def check_md5(flag: str, size: int, file: Path) -> None:
+    """Compare the file's MD5 with INFO's. Another flag's official file is refused (it would train
+    on the wrong images under this flag's class names); any other difference (a subset, a re-saved
+    file) is a warning, and the run goes on with the file."""
+    md5 = calculate_md5(str(file))
+    if md5 == INFO[flag][_size_key("MD5", size)]:
+        return
+    other = next((f for f in FLAGS for s in SIZES if INFO[f][_size_key("MD5", s)] == md5), None)
+    if other is not None:
+        raise UserInputError(
+            f"'{file}' is the official {other} file (its MD5 {md5} is MedMNIST's for {other}), not {flag} data. "
+            f"Set --data.flag {other} to use it, or put the official {file.name} "
+            f"({INFO[flag][_size_key('url', size)]}) in --data.root."
+        )
+    warnings.warn(
+        f"'{file}' is not the official MedMNIST {file.name}: its MD5 {md5} differs from the "
+        f"{INFO[flag][_size_key('MD5', size)]} in medmnist's INFO. Continuing with this file as {flag} data; results "
+        f"are not comparable with runs on the official file ({INFO[flag][_size_key('url', size)]}).",
+        stacklevel=2,
+    )
+
+
+def load_split(flag: str, split: str, root: str | Path, size: int = 28, download: bool = False,
+               verify_md5: bool = True):
+    """(images, labels) numpy arrays of one split through `medmnist.<Flag>MNIST`, checked against INFO.
 
     The arrays are read from the dataset object's `imgs` / `labels`: `medmnist`'s `__len__`
-    asserts the official sample counts, which a subset or a stand-in file in the same format
-    would fail.
+    asserts the official sample counts, which a subset in the same format would fail.
+    `verify_md5`: compare the file with INFO's MD5 (`check_md5`; a download checks it itself).
     """
-    if flag not in FLAGS:
-        raise UserInputError(f"MedMNIST flag '{flag}' is not supported here; use one of {', '.join(FLAGS)}.")
-    info = INFO[flag]
+    info = check_flag(flag)
     folder = Path(root).expanduser()
     file = folder / npz_name(flag, size)
+    url = info[_size_key("url", size)]
     if download:
         folder.mkdir(parents=True, exist_ok=True)
     elif not file.exists():
         raise UserInputError(
-            f"MedMNIST file '{file.name}' not found in '{folder.resolve()}'. Place {file.name} (from "
-            f"{info['url' if size == 28 else f'url_{size}']}) in that folder, point --data.root at the folder "
-            "that holds it, or pass --data.download true on a machine with internet access. Offline, "
-            "scripts/make_medmnist_standin.py writes a stand-in file in the same format."
+            f"MedMNIST file '{file.name}' not found in '{folder.resolve()}'. Place {file.name} (from {url}) in that "
+            "folder, point --data.root at the folder that holds it, or pass --data.download true on a machine with "
+            "internet access. Offline, use a flag whose file you have (--data.flag and --data.root; the project's "
+            "real samples hold pneumoniamnist.npz and breastmnist.npz in $LIT_RLHF_DATA/medmnist)."
         )
+    elif verify_md5:
+        check_md5(flag, size, file)
     dataset_class = getattr(medmnist, info["python_class"])
     try:
         dataset = dataset_class(split=split, root=str(folder), size=size, download=download)
@@ -89,7 +152,7 @@ def load_split(flag: str, split: str, root: str | Path, size: int = 28, download
         raise UserInputError(
             f"'{file}' is not a readable MedMNIST file: it should be an .npz holding the arrays "
             f"'{split}_images' and '{split}_labels' ({type(error).__name__}: {error}). Replace it with the official "
-            f"{file.name} or write a stand-in with scripts/make_medmnist_standin.py."
+            f"{file.name} ({url})."
         ) from error
     except RuntimeError as error:
         raise UserInputError(
@@ -97,6 +160,13 @@ def load_split(flag: str, split: str, root: str | Path, size: int = 28, download
             f"offline, or an existing file there is not the official one: its MD5 differs). Place {file.name} "
             f"in that folder yourself and run with --data.download false. ({str(error).strip().splitlines()[0]})"
         ) from error
+    problems = layout_problems(flag, size, dataset.imgs, dataset.labels)
+    if problems:
+        raise UserInputError(
+            f"'{file}' does not hold {flag} data as medmnist's INFO describes it: its {split} split has "
+            f"{'; '.join(problems)}. It is probably another flag's file saved as {file.name}: set --data.flag to the "
+            f"flag it holds, or replace it with the official {file.name} ({url})."
+        )
     return dataset.imgs, dataset.labels
 
 
@@ -128,10 +198,12 @@ def as_batch(batch):
 
 
 class MedMNISTDataModule(LightningDataModule):
-    """DermaMNIST (3 channels, 7 classes) or ChestMNIST (1 channel, 14 labels) at 28 (or 64) px.
+    """Any 2D MedMNIST flag at 28 (or 64) px; channels, task and class names come from medmnist's
+    `INFO` (DermaMNIST: 3 channels, 7 classes; ChestMNIST: 1 channel, 14 labels; PneumoniaMNIST and
+    BreastMNIST: 1 channel, 2 classes).
 
     Args:
-        flag: `dermamnist` or `chestmnist`.
+        flag: a 2D flag of `medmnist.INFO` (`FLAGS`), e.g. `dermamnist`, `pneumoniamnist`.
         size: 28 (`<flag>.npz`) or 64 (`<flag>_64.npz`).
         root: folder holding the `.npz` (medmnist's default is ~/.medmnist).
         download: fetch the official file from Zenodo if it is missing (needs internet).
@@ -149,12 +221,11 @@ class MedMNISTDataModule(LightningDataModule):
         train_splits: tuple[str, ...] = ("train",),
         val_split: str | None = "val",
         test_split: str | None = "test",
-        batch_size: int = 128,
+        batch_size: PositiveInt = 128,
     ):
         super().__init__()
-        if flag not in FLAGS:
-            raise UserInputError(f"MedMNIST flag '{flag}' is not supported here; use one of {', '.join(FLAGS)}.")
-        if size not in (28, 64):
+        check_flag(flag)
+        if size not in SIZES:
             raise UserInputError(f"MedMNIST size {size} is not supported by the DCGAN stage; use 28 or 64.")
         for split in (*train_splits, val_split, test_split):
             if split is not None and split not in SPLITS:
@@ -178,11 +249,16 @@ class MedMNISTDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return len(self.info["label"])
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["label"].values())
+
     def split(self, name: str) -> InMemoryImages:
         """One split as tensors (N, C, H, W) uint8 + labels: class ids (N,) or multi-hot float (N, L)."""
         if name not in self._splits:
             hp = self.hparams
-            images, labels = load_split(hp.flag, name, hp.root, hp.size, hp.download)
+            # the file's MD5 is checked once, with the first split read
+            images, labels = load_split(hp.flag, name, hp.root, hp.size, hp.download, verify_md5=not self._splits)
             images = torch.from_numpy(np.ascontiguousarray(images))
             images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
             labels = torch.from_numpy(labels.astype(np.int64))

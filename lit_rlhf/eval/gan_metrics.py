@@ -243,3 +243,21 @@ def collapse_verdict(m: dict) -> tuple[str, list[str]]:
         f"{describe['class_tv'](observed['class_tv'])}, "
         f"{m['classes_covered_fake']} of {m['classes_covered_real']} classes covered",
     ]
+
+
+def fd_trend(curve: dict) -> str:
+    """One sentence on the domain FD curve of training: still falling at its last evaluation (the
+    lowest so far: more epochs would likely help) or not (the lowest came earlier)."""
+    points = curve["points"]
+    last = points[-1]
+    if len(points) == 1:
+        return f"one evaluation only (epoch {last['epoch']}, domain FD {last['domain_fd']:.2f}): no trend yet"
+    best = min(points, key=lambda p: p["domain_fd"])
+    floor = f"the real-vs-real floor is {curve['floor']:.2f}"
+    if best is last:
+        return (f"still improving when training stopped: the last evaluation (epoch {last['epoch']}) has the lowest "
+                f"domain FD, {last['domain_fd']:.2f}, down from {points[-2]['domain_fd']:.2f} at epoch "
+                f"{points[-2]['epoch']} and {points[0]['domain_fd']:.2f} at epoch {points[0]['epoch']} ({floor}): "
+                "more epochs would likely help")
+    return (f"no longer improving: the lowest domain FD, {best['domain_fd']:.2f}, came at epoch {best['epoch']}; the "
+            f"last evaluation (epoch {last['epoch']}) has {last['domain_fd']:.2f} ({floor})")

@@ -27,11 +27,12 @@ from lit_rlhf.eval.gan_metrics import (
     MIN_CLASS_SHARE,
     THRESHOLDS,
     evaluate_samples,
+    fd_trend,
     nearest_neighbour,
 )
 from lit_rlhf.logging import markdown_table
-from lit_rlhf.modules.dcgan import DCGAN, image_grid
-from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
+from lit_rlhf.modules.dcgan import DCGAN, image_grid, plot_domain_fd_curve
+from lit_rlhf.modules.medmnist_classifier import load_classifier
 
 
 def run_root(ckpt: Path) -> Path:
@@ -60,6 +61,9 @@ def analysis_markdown(m: dict, context: dict) -> str:
         f"## Verdict: {verdict}",
         "",
         *[f"- {reason}" for reason in m["verdict_reasons"]],
+        f"- Distance to the real images: domain FD {m['domain_fd_fake']:.2f} against a real-vs-real floor of "
+        f"{m['domain_fd_real']:.2f} ({m['domain_fd_fake'] / max(m['domain_fd_real'], 1e-12):.1f}× the floor); domain "
+        f"KID {m['domain_kid_fake']:.4f} against {m['domain_kid_real']:.4f}.",
     ]
     if m["memorisation"]:
         lines.append(
@@ -112,6 +116,18 @@ def analysis_markdown(m: dict, context: dict) -> str:
     lines += ["", "## Class histogram (classifier predictions)", "",
               markdown_table(["class", "generated", "held-out real"], hist_rows)]
 
+    curve = context.get("domain_fd_curve")
+    if curve:
+        lines += ["", "## Domain FD during training", "",
+                  f"Every {context['sample_every_n_epochs']} epochs, {curve['n']} samples (fixed seed) against "
+                  f"{curve['n']} training images, in the same classifier features (`--model.fd_classifier` "
+                  f"`{context['fd_classifier']}`); floor: {curve['floor']:.2f} (two disjoint sets of training images). "
+                  f"Reading: {fd_trend(curve)}.", "",
+                  markdown_table(["epoch", "step", "domain FD", "domain KID"],
+                                 [[p["epoch"], p["step"], f"{p['domain_fd']:.2f}", f"{p['domain_kid']:.4f}"]
+                                  for p in curve["points"]]),
+                  "", "![domain FD against epochs](domain_fd_curve.png)"]
+
     limits = "; ".join(
         f"**{level}** when the near-duplicate share exceeds the real one by >= {v['duplicate_share']:.0%}, the mean "
         f"pairwise SSIM by >= {v['ssim_gap']}, or the class-histogram TV distance is >= {v['class_tv']}"
@@ -132,20 +148,14 @@ def analysis_markdown(m: dict, context: dict) -> str:
     return "\n".join(lines)
 
 
-def read_checkpoints(ckpt: Path, classifier_ckpt: Path) -> dict:
-    """The DCGAN checkpoint, after both files are checked to be what they are passed as (weights-only
-    loads; a checkpoint of another stage would otherwise fail deep inside `load_from_checkpoint`)."""
+def read_dcgan_checkpoint(ckpt: Path) -> dict:
+    """The DCGAN checkpoint, after it is checked to be one (weights-only load; a checkpoint of another
+    stage would otherwise fail deep inside `load_from_checkpoint`)."""
     checkpoint = load_checkpoint(ckpt, "DCGAN checkpoint (--ckpt)")
     if not {"latent_dim", "channels", "image_size"} <= set(checkpoint.get("hyper_parameters") or {}):
         raise UserInputError(
             f"--ckpt '{ckpt}' is not a DCGAN checkpoint (no latent_dim/channels/image_size in its hyper-parameters). "
             "Pass a checkpoint from a DCGAN run's checkpoints/ folder (configs/dcgan_*.yaml)."
-        )
-    classifier = load_checkpoint(classifier_ckpt, "classifier checkpoint (--classifier)").get("hyper_parameters") or {}
-    if any(classifier.get(key) is None for key in ("channels", "num_classes", "multi_label", "feature_dim")):
-        raise UserInputError(
-            f"--classifier '{classifier_ckpt}' is not a MedMNISTClassifier checkpoint (no channels/num_classes/"
-            "feature_dim in its hyper-parameters). Pass a checkpoint of configs/medmnist_classifier.yaml."
         )
     return checkpoint
 
@@ -155,7 +165,7 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
     if args.inception_weights:
         require_existing(args.inception_weights, "InceptionV3 weights (--inception-weights)")
     device = torch.device(args.device)
-    checkpoint = read_checkpoints(ckpt, classifier_ckpt)
+    checkpoint = read_dcgan_checkpoint(ckpt)
     accepted = inspect.signature(MedMNISTDataModule).parameters
     data_hparams = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in accepted}
     if args.root:
@@ -171,10 +181,8 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
                              f"{list(datamodule.hparams.train_splits)}.")
 
     model = DCGAN.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
-    classifier = MedMNISTClassifier.load_from_checkpoint(classifier_ckpt, map_location=device, weights_only=True).eval()
-    if classifier.hparams.channels != model.hparams.channels:
-        raise UserInputError(f"The classifier takes {classifier.hparams.channels}-channel images, the DCGAN makes "
-                             f"{model.hparams.channels}-channel ones: train the classifier on the same --data.flag.")
+    classifier = load_classifier(classifier_ckpt, "--classifier", datamodule.hparams.flag, model.hparams.channels)
+    classifier = classifier.to(device)
 
     train = to_signed_unit(torch.cat([datamodule.split(name).images for name in datamodule.hparams.train_splits]))
     train = train.to(device)
@@ -195,7 +203,11 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
     context = {
         "flag": datamodule.hparams.flag, "ckpt": str(ckpt), "classifier": str(classifier_ckpt),
         "epoch": checkpoint.get("epoch"), "step": checkpoint.get("global_step"), "holdout_split": args.holdout_split,
+        "sample_every_n_epochs": model.hparams.sample_every_n_epochs, "fd_classifier": model.hparams.fd_classifier,
+        "domain_fd_curve": model.fd_curve,
     }
+    if model.fd_curve:
+        plot_domain_fd_curve(model.fd_curve, out / "domain_fd_curve.png")
     markdown = analysis_markdown(metrics, context)
     (out / "gan_report.md").write_text(markdown, encoding="utf-8")
     (out / "gan_metrics.json").write_text(json.dumps({**context, **metrics}, indent=2), encoding="utf-8")

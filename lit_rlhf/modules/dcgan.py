@@ -1,4 +1,5 @@
-"""DCGAN on MedMNIST: manual optimization with two optimizers, 8×4 sample grids, early-training plot."""
+"""DCGAN on MedMNIST: manual optimization with two optimizers, 8×4 sample grids, early-training plot,
+and (given a MedMNIST classifier) the domain Fréchet distance against epochs."""
 
 import copy
 import math
@@ -14,9 +15,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
+from lit_rlhf.data.medmnist import to_signed_unit
 from lit_rlhf.errors import UserInputError, require_finite
+from lit_rlhf.eval.gan_metrics import domain_fd_kid
 from lit_rlhf.logging import run_dir
 from lit_rlhf.models.dcgan import Discriminator, Generator
+from lit_rlhf.modules.medmnist_classifier import load_classifier
 
 GRID_COLUMNS, GRID_ROWS = 8, 4
 STATS = ("loss_d", "loss_g", "d_real", "d_fake")
@@ -25,6 +29,24 @@ STATS = ("loss_d", "loss_g", "d_real", "d_fake")
 def dcgan_adam(params):
     """The DCGAN paper's optimizer: Adam, lr 2e-4, β = (0.5, 0.999)."""
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+
+
+def plot_domain_fd_curve(curve: dict, path: Path) -> Path:
+    """Domain FD of the samples against epochs, with the real-vs-real floor as a dashed line."""
+    points = curve["points"]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot([p["epoch"] for p in points], [p["domain_fd"] for p in points], marker="o",
+            label="samples vs training images")
+    ax.axhline(curve["floor"], color="grey", linestyle="--", label="floor: training vs training images")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("domain Fréchet distance (classifier features)")
+    ax.set_title(f"DCGAN: domain FD against epochs ({curve['n']} images a side)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def image_grid(images: torch.Tensor, columns: int = GRID_COLUMNS) -> torch.Tensor:
@@ -45,6 +67,13 @@ class DCGAN(LightningModule):
             the checkpoint so `load_from_checkpoint` can sample without data.
         optimizer_g / optimizer_d: optimizer factories (None: `dcgan_adam`, Adam(2e-4, (0.5, 0.999))).
         sample_every_n_epochs: save + log an 8×4 grid from the fixed noise every N epochs (and at the end).
+        fd_classifier: a MedMNISTClassifier checkpoint of the same flag. At every grid epoch the domain
+            FD / KID of `fd_num_samples` samples against as many training images is then logged
+            (`train/domain_fd`), plotted (`samples/domain_fd_curve.png`, with the floor: FD between two
+            disjoint sets of training images) and kept in the checkpoint for the GAN report: it
+            shows whether training was still improving when it stopped.
+        fd_num_samples: images a side for that FD (at most half the training set, so the floor's
+            two sets are disjoint).
         plot_first_epochs: plot the per-step losses / D outputs of the first N epochs to
             `samples/early_training.png` and print a line per epoch for them.
         sample_seed: seed of the fixed noise batch.
@@ -60,6 +89,8 @@ class DCGAN(LightningModule):
         optimizer_g: OptimizerCallable | None = None,
         optimizer_d: OptimizerCallable | None = None,
         sample_every_n_epochs: int = 10,
+        fd_classifier: str | None = None,
+        fd_num_samples: int = 1000,
         plot_first_epochs: int = 5,
         sample_seed: int = 0,
     ):
@@ -74,6 +105,8 @@ class DCGAN(LightningModule):
         self.discriminator: Discriminator | None = None
         self._early: list[torch.Tensor] = []
         self._early_epoch_ends: list[int] = []
+        self._fd: dict = {}  # classifier and real images of the FD curve (no submodule: not in the checkpoint)
+        self.fd_curve: dict | None = None
         if channels is not None and image_size is not None:
             self._build()
 
@@ -98,6 +131,20 @@ class DCGAN(LightningModule):
                 f"{(self.hparams.channels, self.hparams.image_size)}: use a matching --data.flag/--data.size "
                 "or train a new model."
             )
+        if self.hparams.fd_classifier and stage == "fit":
+            self._setup_fd_curve(datamodule)
+
+    def _setup_fd_curve(self, datamodule) -> None:
+        train = getattr(datamodule, "train_set", None)
+        if train is None:
+            raise UserInputError("--model.fd_classifier needs the training images: use a MedMNIST data module.")
+        classifier = load_classifier(self.hparams.fd_classifier, "--model.fd_classifier",
+                                     datamodule.hparams.get("flag"), self.hparams.channels,
+                                     " Or pass --model.fd_classifier null to train without the FD curve.")
+        n = min(self.hparams.fd_num_samples, len(train) // 2)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.sample_seed))
+        self._fd = {"classifier": classifier, "reference": train.images[order[:n]].cpu(),
+                    "floor": train.images[order[n : 2 * n]].cpu()}
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
@@ -159,6 +206,37 @@ class DCGAN(LightningModule):
                 self.plot_early_training()
         if done % hp.sample_every_n_epochs == 0:
             self.save_grid(f"grid_epoch_{done:04d}")
+            if self._fd:
+                self.measure_domain_fd()
+
+    @torch.no_grad()
+    def measure_domain_fd(self) -> None:
+        """Domain FD / KID of seeded samples against the fixed training images; appended to `fd_curve`."""
+        classifier = self._fd["classifier"].to(self.device)
+        reference = to_signed_unit(self._fd["reference"].to(self.device))
+        if self.fd_curve is None:
+            floor = domain_fd_kid(reference, to_signed_unit(self._fd["floor"].to(self.device)), classifier)["fd"]
+            self.fd_curve = {"n": len(reference), "floor": floor, "points": []}
+        result = domain_fd_kid(reference, self.generate(len(reference), seed=self.hparams.sample_seed), classifier)
+        point = {"epoch": self.current_epoch + 1, "step": self.global_step, "domain_fd": result["fd"],
+                 "domain_kid": result["kid"]}
+        self.fd_curve["points"].append(point)
+        self.log_dict({"train/domain_fd": result["fd"], "train/domain_kid": result["kid"]})
+        print(f"[dcgan] epoch {point['epoch']}: domain FD {result['fd']:.2f} (floor {self.fd_curve['floor']:.2f}), "
+              f"KID {result['kid']:.4f}")
+        self._plot_fd_curve()
+
+    @rank_zero_only
+    def _plot_fd_curve(self) -> None:
+        path = plot_domain_fd_curve(self.fd_curve, self._samples_dir() / "domain_fd_curve.png")
+        self._log_image("train/domain_fd_curve", path, f"epoch {self.current_epoch + 1}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.fd_curve is not None:
+            checkpoint["domain_fd_curve"] = self.fd_curve
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.fd_curve = checkpoint.get("domain_fd_curve")
 
     def on_train_end(self) -> None:
         if self._early and len(self._early_epoch_ends) < self.hparams.plot_first_epochs:

@@ -2,6 +2,8 @@
 space of the GAN's domain Fréchet distance / KID (Inception weights cannot be had offline, and
 ImageNet features say little about 28×28 medical images anyway)."""
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -9,7 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
-from lit_rlhf.errors import UserInputError, require_finite
+from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
 
 
 def conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -19,9 +21,9 @@ def conv_block(c_in: int, c_out: int) -> list[nn.Module]:
 class MedMNISTClassifier(LightningModule):
     """Three conv stages (28 -> 14 -> 7 -> global average) -> `feature_dim` features -> class logits.
 
-    Multi-class flags (DermaMNIST) train with cross-entropy, multi-label ones (ChestMNIST) with
-    per-label BCE. `channels` / `num_classes` / `multi_label` come from the data module at `setup`
-    and are stored in the checkpoint.
+    Multi-class and binary flags (DermaMNIST, PneumoniaMNIST, BreastMNIST) train with cross-entropy,
+    multi-label ones (ChestMNIST) with per-label BCE. `channels` / `num_classes` / `multi_label` come
+    from the data module at `setup` and are stored in the checkpoint.
     """
 
     def __init__(
@@ -135,3 +137,32 @@ class MedMNISTClassifier(LightningModule):
 
     def configure_optimizers(self):
         return self.optimizer(self.parameters())
+
+
+def load_classifier(path: str | Path, option: str, flag: str | None, channels: int,
+                    missing_hint: str = "") -> MedMNISTClassifier:
+    """A trained classifier (weights-only load, eval mode) for the DCGAN's images: `channels` of them,
+    from `flag` (checked against the flag in the checkpoint's data module settings, when both are
+    known: two binary grayscale flags have the same shapes but not the same features). A checkpoint of
+    another stage is refused here rather than deep inside `load_from_checkpoint`."""
+    retrain = f"python -m lit_rlhf fit --config configs/medmnist_classifier.yaml --data.flag {flag}"
+    if not Path(path).expanduser().exists():
+        raise UserInputError(f"{option} '{path}' does not exist: train the classifier of {flag} first ({retrain}; it "
+                             "writes checkpoints/best.ckpt under its trainer.default_root_dir) or pass the path of one."
+                             f"{missing_hint}")
+    checkpoint = load_checkpoint(path, f"classifier checkpoint ({option})")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if any(hparams.get(key) is None for key in ("channels", "num_classes", "multi_label", "feature_dim")):
+        raise UserInputError(
+            f"{option} '{path}' is not a MedMNISTClassifier checkpoint (no channels/num_classes/feature_dim in its "
+            "hyper-parameters). Pass a checkpoint of configs/medmnist_classifier.yaml."
+        )
+    trained_on = (checkpoint.get("datamodule_hyper_parameters") or {}).get("flag")
+    if hparams["channels"] != channels:
+        raise UserInputError(f"The classifier {option} '{path}' takes {hparams['channels']}-channel images, the DCGAN "
+                             f"makes {channels}-channel ones: train one on {flag} ({retrain}).")
+    if None not in (trained_on, flag) and trained_on != flag:
+        raise UserInputError(f"The classifier {option} '{path}' was trained on {trained_on}, the DCGAN on {flag}: its "
+                             f"features would measure the wrong domain. Pass a classifier of {flag}, or train one "
+                             f"({retrain}).")
+    return MedMNISTClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch_fidelity
 from lightning.pytorch import Trainer
-from medmnist_helpers import fit_tiny_dcgan, tiny_split
+from medmnist_helpers import fit_tiny_dcgan, real_arrays, tiny_split, write_tiny_medmnist
 
 from lit_rlhf.data.medmnist import MedMNISTDataModule, to_signed_unit
 from lit_rlhf.eval import gan_report
-from lit_rlhf.eval.gan_metrics import collapse_verdict, evaluate_samples, inception_fid_kid
+from lit_rlhf.eval.gan_metrics import collapse_verdict, evaluate_samples, fd_trend, inception_fid_kid
 from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
 
 
@@ -19,20 +19,64 @@ def images_and_classes(n: int, seed: int):
     return to_signed_unit(torch.from_numpy(images).permute(0, 3, 1, 2)), torch.from_numpy(labels[:, 0]).long()
 
 
-@pytest.fixture(scope="module")
-def classifier():
-    """Trained on the tiny class-pattern images until it tells the 7 classes apart."""
+@pytest.fixture
+def one_thread():
+    """Small CNNs train several times faster on one intra-op thread on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_classifier(images: torch.Tensor, classes: torch.Tensor, steps: int = 80, lr: float = 3e-3):
     torch.manual_seed(0)
-    images, classes = images_and_classes(512, seed=1)
-    model = MedMNISTClassifier(channels=3, num_classes=7, multi_label=False, width=8, feature_dim=16)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(80):
+    model = MedMNISTClassifier(channels=images.size(1), num_classes=int(classes.max()) + 1, multi_label=False,
+                               width=8, feature_dim=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
         batch = torch.randint(len(images), (64,))
         loss = torch.nn.functional.cross_entropy(model(images[batch]), classes[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """Trained on the tiny class-pattern images until it tells the 7 classes apart."""
+    return train_classifier(*images_and_classes(512, seed=1))
+
+
+def real_images_and_classes(data_root, split: str, start: int, stop: int):
+    images, labels = real_arrays(data_root, "pneumoniamnist", split, start, stop)
+    return to_signed_unit(torch.from_numpy(images)[:, None]), torch.from_numpy(labels[:, 0]).long()
+
+
+def test_verdict_and_its_text_follow_the_numbers_on_real_chest_x_rays(data_root, one_thread):
+    """Constructed "generated" sets of real PneumoniaMNIST images: unseen real X-rays (diverse), only the
+    normal ones (the pneumonia mode dropped: partial collapse), one X-ray repeated (collapse)."""
+    train, train_classes = real_images_and_classes(data_root, "train", 0, 1024)
+    classifier = train_classifier(train, train_classes, steps=100, lr=5e-3)
+    holdout, holdout_classes = real_images_and_classes(data_root, "test", 0, 200)
+    others, other_classes = real_images_and_classes(data_root, "test", 200, 624)
+    cases = {"diverse": others[:200], "partial collapse": others[other_classes == 0][:200],
+             "collapse": others[:1].repeat(200, 1, 1, 1) + 0.01 * torch.randn(200, 1, 28, 28)}
+    context = {"flag": "pneumoniamnist", "ckpt": "g.ckpt", "classifier": "c.ckpt", "epoch": 1, "step": 2,
+               "holdout_split": "test"}
+    for expected, fake in cases.items():
+        m = evaluate_samples(fake, train, holdout, classifier, holdout_labels=holdout_classes, n_pairs=300,
+                             inception=False)
+        assert m["classifier_accuracy_holdout"] > 0.8
+        assert m["verdict"] == expected, m["verdict_reasons"]
+        report = gan_report.analysis_markdown(m, context)
+        assert report.startswith(f"# DCGAN samples on pneumoniamnist: {expected}\n")
+        assert f"domain FD {m['domain_fd_fake']:.2f} against a real-vs-real floor of {m['domain_fd_real']:.2f}" in report
+        assert f"| class-histogram TV distance to held-out real | {m['class_tv']:.3f} |" in report
+        if expected == "partial collapse":
+            assert f"class-histogram TV distance {m['class_tv']:.3f} >= 0.25" in report
+        if expected == "collapse":
+            assert f"near-duplicate pairs {m['duplicate_share_fake']:.1%}" in report
 
 
 def test_measures_order_real_partial_and_collapsed_sets(classifier, monkeypatch):
@@ -76,6 +120,19 @@ def test_verdict_thresholds():
     assert level == "partial collapse" and "image quality" in reasons[-1]
 
 
+def test_fd_trend_says_whether_training_was_still_improving():
+    def curve(*fds):
+        return {"floor": 0.5, "n": 100, "points": [{"epoch": 5 * (i + 1), "domain_fd": fd} for i, fd in enumerate(fds)]}
+
+    assert fd_trend(curve(30.0, 12.0, 8.0)).startswith(
+        "still improving when training stopped: the last evaluation (epoch 15) has the lowest domain FD, 8.00, down "
+        "from 12.00 at epoch 10 and 30.00 at epoch 5 (the real-vs-real floor is 0.50)")
+    assert fd_trend(curve(30.0, 6.0, 8.0)) == (
+        "no longer improving: the lowest domain FD, 6.00, came at epoch 10; the last evaluation (epoch 15) has 8.00 "
+        "(the real-vs-real floor is 0.50)")
+    assert "no trend yet" in fd_trend(curve(30.0))
+
+
 def test_inception_is_skipped_with_a_reason_offline(monkeypatch):
     def offline(**kwargs):
         raise urllib.error.URLError("Name or service not known")
@@ -86,15 +143,17 @@ def test_inception_is_skipped_with_a_reason_offline(monkeypatch):
     assert "skipped" in reason and "--inception-weights" in reason
 
 
-def test_report_command_writes_the_analysis_next_to_the_grids(tmp_path, capsys):
-    _, trainer = fit_tiny_dcgan(tmp_path, epochs=1)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
+def test_report_command_writes_the_analysis_next_to_the_grids(tmp_path, capsys, one_thread):
+    write_tiny_medmnist(tmp_path / "data", "dermamnist", n_train=48)
     classifier_trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                  enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
     classifier_trainer.fit(MedMNISTClassifier(width=8, feature_dim=16),
                            MedMNISTDataModule(root=str(tmp_path / "data"), batch_size=16))
     classifier_trainer.save_checkpoint(tmp_path / "classifier.ckpt")
+    _, trainer = fit_tiny_dcgan(tmp_path, epochs=2, data=tmp_path / "data",
+                                fd_classifier=str(tmp_path / "classifier.ckpt"), fd_num_samples=16)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
 
     gan_report.main(["--ckpt", str(ckpt), "--classifier", str(tmp_path / "classifier.ckpt"),
                      "--num-samples", "16", "--no-inception"])
@@ -103,7 +162,10 @@ def test_report_command_writes_the_analysis_next_to_the_grids(tmp_path, capsys):
     metrics = json.loads((samples / "gan_metrics.json").read_text())
     assert f"## Verdict: {metrics['verdict']}" in report and metrics["verdict"] in ("diverse", "partial collapse", "collapse")
     assert metrics["n_fake"] == metrics["n_holdout"] == 16
-    assert {"grid_final.png", "report_samples.png", "nearest_neighbours.png"} <= {p.name for p in samples.iterdir()}
+    assert [p["epoch"] for p in metrics["domain_fd_curve"]["points"]] == [1, 2]
+    assert "## Domain FD during training" in report and f"Reading: {fd_trend(metrics['domain_fd_curve'])}." in report
+    assert {"grid_final.png", "report_samples.png", "nearest_neighbours.png", "domain_fd_curve.png"} <= {
+        p.name for p in samples.iterdir()}
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # logged to W&B (offline)
 
     with pytest.raises(SystemExit):
