@@ -102,3 +102,22 @@ def test_eval_prompts_that_share_a_tree_with_training_data_are_refused(tmp_path,
             pipeline.check_eval_prompts(namespace)
     namespace.eval_prompts = str(splits / "eval_prompts.jsonl")
     pipeline.check_eval_prompts(namespace)  # the held-out prompts pass
+
+
+@pytest.mark.parametrize("setting", ["quickstart", "cpu", "real"])
+def test_every_stage_command_of_a_setting_parses(setting, tmp_path, capsys):
+    """Each stage's config stack (stage config + the setting's overrides + the pipeline's flags) is
+    valid for LightningCLI / the evaluation: a typo in an override file fails here, not mid-pipeline."""
+    from lit_rlhf import evaluate
+    from lit_rlhf.cli import main
+
+    _, namespace = args(tmp_path)
+    namespace.setting, namespace.prompt_data = setting, str(pipeline.SAMPLE)
+    namespace.stages = list(pipeline.STAGES)
+    for stage in pipeline.plan(namespace):
+        if stage.name == "pairs":
+            continue
+        command = stage.command[1:] + ["--print_config"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(command) if stage.command[0] == "lit_rlhf" else evaluate.main(command)
+        assert exit_info.value.code in (0, None), (stage.name, capsys.readouterr().err[-2000:])
