@@ -5,15 +5,30 @@ LightningCLI in subclass mode: each YAML picks its LightningModule and Lightning
 with several optimizers or manual optimization configure them the same way as the others.
 """
 
+import importlib
+import logging
 import os
+import pkgutil
+import re
 import sys
+import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
-from lit_rlhf.callbacks import RandomStatePerRank
-from lit_rlhf.errors import UserInputError, as_paragraph
+from lit_rlhf.callbacks import ProgressLines, RandomStatePerRank, StepsProgressBar
+from lit_rlhf.errors import UserInputError, as_paragraph, not_a_checkpoint_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+PROG = "lit_rlhf"
+# bf16 autocast on a CPU, against 32-true: measured on SmolLM2-135M forward+backward steps (2 x86 cores).
+CPU_BF16_SLOWDOWN = "~6x"
 
 # Loggers / callbacks whose output folder is placed under trainer.default_root_dir.
 _DIR_ARGS = {"save_dir", "dirpath"}
@@ -23,14 +38,17 @@ def _under_root(value: str | None, root: Path) -> str:
     if value in (None, "", "."):
         return str(root)
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else root / path)
+    if path.is_absolute() or path == root or root in path.parents:  # already placed (a saved config run again)
+        return str(path)
+    return str(root / path)
 
 
 def place_outputs_under_root(trainer_cfg) -> None:
     """Point every logger `save_dir` and checkpoint `dirpath` at (or under) `default_root_dir`.
 
     A relative folder in a YAML is read relative to the run folder, so one run writes all its
-    files (checkpoints, metrics.csv, W&B offline files) in one place.
+    files (checkpoints, metrics.csv, W&B offline files in `<root>/wandb`) in one place. With
+    WANDB_MODE=online, W&B loggers go online (Lightning's `offline: true` would force offline mode).
     """
     root = Path(trainer_cfg.default_root_dir or "runs/default").expanduser()
     trainer_cfg.default_root_dir = str(root)
@@ -42,11 +60,103 @@ def place_outputs_under_root(trainer_cfg) -> None:
             init_args = entry.get("init_args") if hasattr(entry, "get") else None
             if init_args is None:
                 continue
-            for key in _DIR_ARGS:
-                if key in init_args:
-                    init_args[key] = _under_root(init_args[key], root)
-            if entry.class_path.endswith("WandbLogger"):
-                init_args["save_dir"] = _under_root(init_args.get("save_dir"), root)
+            keys = {key for key in _DIR_ARGS if key in init_args}
+            if entry.class_path.endswith("WandbLogger"):  # without a save_dir, W&B writes to ./wandb
+                keys.add("save_dir")
+                if os.environ.get("WANDB_MODE") == "online":  # the user's choice over the configs' offline: true
+                    init_args["offline"] = False
+            for key in keys:
+                init_args[key] = _under_root(init_args.get(key), root)
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """`--config X` where X is missing from the current folder but exists in the repository (as
+    `X` or `configs/X`): the repository's file, so the README's commands work from any folder."""
+    resolved, expect_config = [], False
+    for arg in args:
+        prefix, value = "", arg
+        if arg.startswith("--config="):
+            prefix, value = "--config=", arg.removeprefix("--config=")
+        if expect_config or prefix:
+            path = Path(value).expanduser()
+            if not path.exists() and not path.is_absolute():
+                value = str(next((c for c in (REPO / path, CONFIGS / path) if c.is_file()), value))
+        resolved.append(prefix + value)
+        expect_config = arg in ("--config", "-c")
+    return resolved
+
+
+def stage_configs() -> list[str]:
+    return sorted(f"configs/{p.name}" for p in CONFIGS.glob("*.yaml") if p.name != "evaluate.yaml")
+
+
+def _description() -> str:
+    overrides = sorted(f"configs/{p.name}/" for p in CONFIGS.iterdir() if p.is_dir())
+    return (
+        f"Train, validate, test or predict with one stage of lit_rlhf:\n\n"
+        f"  {PROG} fit --config configs/<stage>.yaml [--config configs/<override>.yaml] [--trainer.max_steps 100]\n\n"
+        "Stage configs (each file's header says what it is for and how to run it small):\n  "
+        + "\n  ".join(stage_configs())
+        + "\nOverrides, stacked after a stage's config (the later file wins):\n  "
+        + "\n  ".join(overrides)
+        + f"\n\nA --config path that does not exist from the current folder is read from '{REPO}'.\n"
+        f"Options of a module or data module: {PROG} fit --model.help PPOModule, --data.help SHPDataModule.\n"
+        "The evaluation is python -m lit_rlhf.evaluate; the whole RLHF pipeline python -m lit_rlhf.pipeline."
+    )
+
+
+_KEY = re.compile(r'Parser key "([^"]+)"')
+VALUE_PATTERNS = (r"input_value='([^']*)'", r"Got value: (.*)", r"val='([^']*)'", r"Given value: (.*)")
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
+          "validation error for", "For further information", "Problem with given class_path")  # fmt: skip
+
+
+def _expected(line: str) -> str:
+    """"Expected a <class 'int'>" -> "an int"; "Expected a typing.Literal['a', 'b']" -> "one of 'a', 'b'"."""
+    what = re.sub(r"<class '(\w+)'>", r"\1", line.split(". Got value:")[0].removeprefix("Expected a "))
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", what)
+    return f"one of {literal.group(1)}" if literal else f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
+
+
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse's nested report ('Parser key "data": Does not validate against any of the Union
+    subtypes ... Parser key "batch_size": ...') as '--data.batch_size -4: must be greater than 0.'"""
+    keys = [key for key in _KEY.findall(message) if key != "init_args"]
+    if not keys:
+        return " ".join(message.split()).rstrip(".") + "."
+    first, *tail = message[message.rindex('Parser key "') :].splitlines()
+    details = [line.strip().removeprefix("- ") for line in [first.split('":', 1)[1], *tail] if line.strip()]
+    useful = [line for line in details if not any(noise in line for noise in _NOISE)] or ["invalid value"]
+    if any("dot import path" in line for line in useful):
+        detail = "no such class: give a class name such as PPOModule, an import path or a YAML file"
+    elif all(line.startswith("Expected a") for line in useful):
+        detail = "must be " + " or ".join(_expected(line) for line in useful)
+    else:
+        detail = re.sub(r"\s*\[type=.*?\]", "", useful[0]).split(". Got value:")[0].rstrip(".")
+        detail = detail.replace("Input should be", "must be")
+        bound = re.search(r"\b(?:Gt|Ge|Lt|Le)\((?:gt|ge|lt|le)=([^)]+)\)", message)
+        if bound and re.search(r"(than|equal to)$", detail):  # in a union, jsonargparse drops the bound from the text
+            detail = f"{detail} {bound.group(1)}"
+    nested = re.search(r"NestedArg\(key='([^']*)'", message)  # --model.bogus: the report names only "model"
+    if nested and nested.group(1) != keys[-1]:
+        keys.append(nested.group(1))
+    if keys == ["config"]:
+        detail += f", nor under the repository's configs/ ('{CONFIGS}'), which has: {', '.join(stage_configs())}"
+    values = (re.search(pattern, message) for pattern in VALUE_PATTERNS)
+    shown = next((value.group(1) for value in values if value), "")
+    return f"--{'.'.join(keys)} {shown}: {detail}.".replace(" :", ":")
+
+
+class LitRLHFParser(LightningArgumentParser):
+    """A bad option ends in one paragraph naming it, not the 200-line usage before a nested report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
+            prog = self.prog.replace(" [options]", "")
+            print(as_paragraph(UserInputError(f"{one_line_parse_error(message)} See `{prog} --help`.")),
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+        super().error(message, ex)
 
 
 class LitRLHFCLI(LightningCLI):
@@ -58,14 +168,26 @@ class LitRLHFCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            parser_class=LitRLHFParser,
+            parser_kwargs={"prog": PROG, "description": _description()},
             trainer_defaults={
-                "callbacks": [RandomStatePerRank()],
+                "callbacks": [RandomStatePerRank(), ProgressLines()],
                 # checkpoints streamed to disk: Lightning's own save first builds them in memory
                 "plugins": [{"class_path": "lit_rlhf.checkpoint_io.StreamingCheckpointIO"}],
             },
             args=args,
             run=run,
         )
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        from argparse import RawDescriptionHelpFormatter
+
+        from jsonargparse import DefaultHelpFormatter
+
+        class Formatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+            """Descriptions keep their lines (the config list, docstring examples)."""
+
+        return super().init_parser(formatter_class=Formatter, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         # PPO's data module keeps the reward model's training trees out of its evaluation prompts.
@@ -74,12 +196,95 @@ class LitRLHFCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         place_outputs_under_root(config.trainer)
+        check_accelerator(config.trainer.accelerator, config.trainer.precision)
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else []
+        if any(str(getattr(logger, "class_path", "")).endswith("WandbLogger") for logger in loggers):
+            import wandb
+
+            wandb.setup()  # W&B applies WANDB_SILENT here, before WandbLogger's anonymous=None is validated
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's Rich bar, labelled by steps when `max_steps` ends the run (see StepsProgressBar)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        bars = [c for c in trainer.get("callbacks") or [] if isinstance(c, ProgressBar)]
+        if _RICH_AVAILABLE and trainer.get("enable_progress_bar") is not False and not bars:
+            callbacks = [*self.trainer_defaults["callbacks"], StepsProgressBar()]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+        return super().instantiate_trainer(**kwargs)
+
+    def _check_ckpt_path(self) -> None:
+        """`--ckpt_path last` with no last checkpoint would start from scratch without a word (Lightning
+        only warns); a fresh start is the user's call. A folder is named as one."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            callbacks = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+            if not any(c._find_last_checkpoints(self.trainer) for c in callbacks):
+                folders = sorted({str(c.dirpath or self.trainer.default_root_dir) for c in callbacks})
+                raise UserInputError(
+                    f"--ckpt_path last: there is no last checkpoint in {folders or 'this run (no ModelCheckpoint)'}, "
+                    "so nothing can be resumed. Check --trainer.default_root_dir (now "
+                    f"'{self.trainer.default_root_dir}'), pass a checkpoint file with --ckpt_path <file>, or leave "
+                    "--ckpt_path out to start from scratch."
+                )
+        elif ckpt_path and Path(ckpt_path).expanduser().is_dir():
+            raise not_a_checkpoint_file(ckpt_path, "--ckpt_path")
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+
+
+def check_accelerator(accelerator, precision) -> None:
+    """A GPU asked for on a machine without one: one paragraph. bf16 on a CPU: one warning line."""
+    name = str(accelerator).lower()
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = (f"a CPU-only build of torch {torch.__version__}" if torch.version.cuda is None
+                 else f"torch {torch.__version__} built for CUDA {torch.version.cuda}, but no device is visible: "
+                      "check nvidia-smi and CUDA_VISIBLE_DEVICES")  # fmt: skip
+        raise UserInputError(
+            f"--trainer.accelerator {accelerator}: PyTorch finds no CUDA GPU on this machine ({build}). To run on "
+            "the CPU pass --trainer.accelerator cpu --trainer.precision 32-true and leave out GPU overrides such "
+            "as configs/scale/*.yaml; the small CPU settings of each stage are in configs/cpu/ and the configs' "
+            "headers."
+        )
+    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    if (name == "cpu" or name == "auto" and no_gpu) and str(precision).startswith("bf16") and rank_zero_only.rank == 0:
+        print(f"[lit_rlhf] warning: trainer.precision {precision} on a CPU runs {CPU_BF16_SLOWDOWN} slower than "
+              "32-true (bf16 autocast, measured on SmolLM2 steps): use --trainer.precision 32-true on CPUs.",
+              file=sys.stderr)  # fmt: skip
+
+
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def silence_library_noise() -> None:
+    """Messages every run printed that no setting of the user's can change: Lightning's litlogger tip,
+    deprecations inside Lightning (pytree) and torchdata (set_vital), and (with WANDB_SILENT, applied
+    by `wandb.setup()` in `LitRLHFCLI.before_instantiate_classes`) W&B's 'anonymous' warning about the
+    anonymous=None that WandbLogger passes. Warnings about the user's own settings still show."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)
+
+
+def import_stage_classes() -> None:
+    """Import every module and data module, so short class names work (`--model PPOModule`,
+    `--model.help PPOModule`): jsonargparse resolves them among imported subclasses."""
+    import lit_rlhf.data
+    import lit_rlhf.modules
+
+    for package in (lit_rlhf.modules, lit_rlhf.data):
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def main(args=None) -> None:
-    os.environ.setdefault("WANDB_SILENT", "true")
+    silence_library_noise()
     try:
-        LitRLHFCLI(args=args)
+        import_stage_classes()
+        if args is None:  # LightningCLI warns when `args` is given beside a command line
+            sys.argv[1:] = resolve_config_args(sys.argv[1:])
+        LitRLHFCLI(args=None if args is None else resolve_config_args(args))
     except Exception as error:
         cause = error  # jsonargparse wraps errors raised in a module's __init__ in its own
         while cause is not None and not isinstance(cause, UserInputError):

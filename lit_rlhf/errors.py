@@ -64,10 +64,24 @@ def hub_unreachable(kind: str, hub_id: str, error: Exception, local_hint: str) -
     )
 
 
+def not_a_checkpoint_file(path: str | Path, what: str) -> UserInputError:
+    """The error for a run folder given where a checkpoint file is expected, naming the file inside
+    it that was probably meant (the newest `last*.ckpt`, else the newest `.ckpt`)."""
+    checkpoints = sorted(Path(path).expanduser().rglob("*.ckpt"), key=lambda f: f.stat().st_mtime, reverse=True)
+    last = [f for f in checkpoints if f.name.startswith("last")]
+    if last or checkpoints:
+        hint = f"Pass the checkpoint file inside it, probably '{(last or checkpoints)[0]}'."
+    else:
+        hint = "It holds no .ckpt file: pass a checkpoint file, e.g. <run folder>/checkpoints/last.ckpt."
+    return UserInputError(f"{what}: '{path}' is a folder, not a checkpoint file. {hint}")
+
+
 def load_checkpoint(path: str | Path, what: str) -> dict:
     """A Lightning checkpoint read with `weights_only=True` (a checkpoint is data: loading it must
-    not run code), or one clear error for a missing, truncated or foreign file."""
+    not run code), or one clear error for a missing, truncated or foreign file, or a folder."""
     file = require_existing(str(path), what)
+    if file.is_dir():
+        raise not_a_checkpoint_file(path, what)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, garbage bytes and refused pickles share no base class

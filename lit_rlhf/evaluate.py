@@ -17,6 +17,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lit_rlhf.cli import resolve_config_args
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.rlhf import EvalSettings, evaluate
 from lit_rlhf.eval.rlhf_report import log_to_wandb, write_outputs
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog="python -m lit_rlhf.evaluate", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(EvalSettings, nested_key=None)
-    cfg = parser.parse_args(argv)
+    cfg = parser.parse_args(resolve_config_args(sys.argv[1:] if argv is None else argv))  # configs/ from any folder
     settings = EvalSettings(**{k: v for k, v in vars(cfg).items() if k in EvalSettings.__dataclass_fields__})
     try:
         result = evaluate(settings)

@@ -25,7 +25,7 @@ from lit_rlhf.data.char_tokenizer import UNK
 from lit_rlhf.data.medmnist import MedMNISTDataModule
 from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.data.oasst1_prompts import split_prompts
-from lit_rlhf.data.preference import SHPDataModule
+from lit_rlhf.data.preference import SHPDataModule, read_preference_source
 from lit_rlhf.data.prompts import PromptsDataModule
 from lit_rlhf.data.wikitext import WikiText2DataModule
 from lit_rlhf.errors import NonFiniteError, UserInputError
@@ -257,7 +257,7 @@ def test_reward_model_nan_loss_stops_before_the_export(tmp_path, tiny_llama_dir,
     write_jsonl(tmp_path / "pairs" / "train.jsonl", separable_pairs(8))
     write_jsonl(tmp_path / "pairs" / "validation.jsonl", separable_pairs(4))
     model = RewardModel(str(tiny_llama_dir))
-    monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask: torch.full((len(input_ids),), math.nan))
+    monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask, *_: torch.full((len(input_ids),), math.nan))
     trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0)
     with pytest.raises(NonFiniteError, match="train/loss = nan at step 0"):
@@ -623,3 +623,137 @@ def test_stage_run_checkpoints_load_weights_only_and_hold_no_secret(stage, tmp_p
         content = file.read_bytes()
         for name, value in SECRETS.items():
             assert value.encode() not in content, f"{name} leaked into {file}"
+
+
+# -------------------------------------------------------------------------- every stage: files, numbers, paths, devices
+
+OASST1_TO_PAIRS = str(REPO / "scripts" / "oasst1_to_pairs.py")
+
+
+def broken_table_files(folder: Path) -> dict[str, Path]:
+    """An empty .jsonl, a .jsonl whose copy stopped in its 3rd row, and a truncated parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [oasst1_message(f"m{i}", None, "prompter", f"Question {i}?") for i in range(4)]
+    lines = [json.dumps(row) for row in rows]
+    (folder / "empty.jsonl").write_text("")
+    (folder / "cut.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    pq.write_table(pa.Table.from_pylist(rows), folder / "whole.parquet")
+    truncated_copy(folder / "whole.parquet", folder / "cut.parquet")
+    return {name: folder / name for name in ("empty.jsonl", "cut.jsonl", "cut.parquet")}
+
+
+def read_with_oasst1_to_pairs(path: str, monkeypatch, capsys) -> str:
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [OASST1_TO_PAIRS, path, str(Path(path).parent / "pairs_out")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(OASST1_TO_PAIRS, run_name="__main__")
+    assert exit_info.value.code == 2 and not (Path(path).parent / "pairs_out").exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reader", ["oasst1 rows", "preference pairs", "oasst1_to_pairs.py"])
+def test_empty_or_truncated_local_files_name_the_file_and_line(reader, tmp_path, monkeypatch, capsys):
+    """`datasets` answers an empty file with a bare StopIteration and a cut one with an error naming
+    neither file nor line; every local reader goes through `lit_rlhf.data.files.read_local_tables`."""
+    files = broken_table_files(tmp_path / "data")
+    folder = tmp_path / "folder"  # a good file beside a cut one: the message names the cut one
+    folder.mkdir()
+    shutil.copy(files["cut.jsonl"], folder / "b.jsonl")
+    write_jsonl(folder / "a.jsonl", [oasst1_message("x", None, "prompter", "Hi?")])
+
+    def message(path: Path) -> str:
+        if reader == "oasst1_to_pairs.py":
+            return read_with_oasst1_to_pairs(str(path), monkeypatch, capsys)
+        with pytest.raises(UserInputError) as error:
+            (read_oasst1_rows if reader == "oasst1 rows" else read_preference_source)(str(path))
+        return str(error.value)
+
+    assert f"'{files['empty.jsonl']}' is empty" in message(files["empty.jsonl"])
+    cut = message(files["cut.jsonl"])
+    assert f"'{files['cut.jsonl']}' cannot be read at line 3" in cut and "truncated or corrupt" in cut
+    assert f"'{files['cut.parquet']}' cannot be read as parquet" in message(files["cut.parquet"])
+    assert f"the file '{folder / 'b.jsonl'}' cannot be read at line 3" in message(folder)
+
+
+IMPOSSIBLE_NUMBERS = [
+    ("ppo_full", "--data.batch_size", "-4", "--data.batch_size -4: must be greater than 0."),
+    ("ppo_lora", "--data.max_prompt_length", "0", "--data.max_prompt_length 0: must be greater than 0."),
+    ("reward_model", "--data.batch_size", "0", "--data.batch_size 0: must be greater than 0."),
+    ("reward_model", "--data.eval_batch_size", "0", "--data.eval_batch_size 0: must be greater than 0."),
+    ("reward_model", "--data.num_workers", "-1", "--data.num_workers -1: must be greater than or equal to 0."),
+    ("pretrain_tinygpt", "--data.batch_size", "0", "--data.batch_size 0: must be greater than 0."),
+    ("pretrain_tinygpt", "--model.n_layer", "0", "--model.n_layer 0: must be greater than 0."),
+    ("sft_tinygpt", "--data.k", "0", "--data.k 0: must be greater than 0."),
+    ("rl_lite", "--model.samples_per_prompt", "0", "--model.samples_per_prompt 0: must be greater than 0."),
+    ("dcgan_dermamnist", "--data.batch_size", "-1", "--data.batch_size -1: must be greater than 0."),
+    ("pretrain_tinygpt", "--trainer.max_steps", "many", "--trainer.max_steps many: must be an int."),
+    ("pretrain_tinygpt", "--model.n_layers", "2", "--model.n_layers 2: Option 'n_layers' is not accepted."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("config", "option", "value", "expected"), IMPOSSIBLE_NUMBERS,
+                         ids=[f"{config}{option.removeprefix('-')}" for config, option, *_ in IMPOSSIBLE_NUMBERS])
+def test_impossible_numbers_are_refused_with_the_option_name(config, option, value, expected, capsys):
+    """Sizes are typed (pydantic PositiveInt / NonNegativeInt: plain ints in checkpoints), so the
+    parser refuses them before anything is built, in one line instead of its usage and nested report."""
+    message = cli_error(capsys, lambda: main(["fit", "--config", str(REPO / f"configs/{config}.yaml"), option, value]))
+    assert message == f"lit_rlhf error: {expected} See `lit_rlhf fit --help`."
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
+    run = tmp_path / "pretrain_run"
+    tinygpt_checkpoint((run / "checkpoints").mkdir(parents=True) or run / "checkpoints" / "last.ckpt")
+    with pytest.raises(UserInputError, match=r"init_from: '.*pretrain_run' is a folder, not a checkpoint file\. "
+                                             r"Pass the checkpoint file inside it, probably '.*checkpoints/last\.ckpt'"):
+        TinyGPTModule(init_from=str(run))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(UserInputError, match="is a folder, not a checkpoint file. It holds no .ckpt file"):
+        TinyGPTModule(init_from=str(tmp_path / "empty_run"))
+
+
+def tinygpt_run_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs/pretrain_tinygpt.yaml"), "--data.path", "builtin:pydoc-topics",
+            "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "2",
+            "--trainer.logger", CSV_ONLY, "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root), *extra]  # fmt: skip
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_refused(tmp_path, capsys):
+    """Lightning only warns and trains from scratch; a fresh start must be asked for (no --ckpt_path)."""
+    root = tmp_path / "run"
+    message = cli_error(capsys, lambda: main(tinygpt_run_args(root, "--ckpt_path", "last")))
+    assert "--ckpt_path last: there is no last checkpoint in" in message and "leave --ckpt_path out" in message
+    assert not list(root.rglob("*.ckpt"))
+    main(tinygpt_run_args(root))
+    message = cli_error(capsys, lambda: main(tinygpt_run_args(tmp_path / "run2", "--ckpt_path", str(root))))
+    assert f"--ckpt_path: '{root}' is a folder, not a checkpoint file" in message and "last.ckpt" in message
+
+
+def test_gpu_asked_for_on_a_machine_without_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = cli_error(capsys, lambda: main(tinygpt_run_args(tmp_path / "run", "--trainer.accelerator", "gpu")))
+    assert "--trainer.accelerator gpu: PyTorch finds no CUDA GPU on this machine" in message
+    assert "--trainer.accelerator cpu --trainer.precision 32-true" in message and not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_cpu_warns_once_with_the_slowdown(tmp_path, capsys):
+    main(tinygpt_run_args(tmp_path / "run", "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed"))
+    err = capsys.readouterr().err
+    assert err.count("[lit_rlhf] warning: trainer.precision bf16-mixed on a CPU runs ~6x slower than 32-true") == 1
+
+
+def test_evaluation_given_a_run_folder_as_reward_model_names_the_option_and_the_export(fake_runs, tmp_path, capsys):
+    root, base, reward, full, lora_run = fake_runs
+    reward_run = tmp_path / "reward_model_run"
+    shutil.copytree(reward, reward_run / "reward_model")
+    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", reward_model=reward_run)))
+    assert (f"--reward_model '{reward_run}' is not a Hugging Face model folder" in message
+            and f"pass its export, '{reward_run / 'reward_model'}'" in message)  # fmt: skip
+    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", reward_model=full)))
+    assert f"--reward_model '{full}'" in message and "It holds policy/" in message and "reward_model/ folder" in message
+    assert not (tmp_path / "eval").exists()

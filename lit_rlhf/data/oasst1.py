@@ -7,7 +7,7 @@ humans (`rank` 0 = best), so each pair of ranked siblings is a real preference p
 
 from collections import Counter
 
-from lit_rlhf.data.files import local_table_files
+from lit_rlhf.data.files import read_local_tables
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
@@ -20,8 +20,7 @@ def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
     from datasets import concatenate_datasets, load_dataset
 
     if is_local_path(path):
-        builder, files = local_table_files(path, "oasst1 path")
-        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        dataset = read_local_tables(path, "oasst1 path")["train"]
     else:
         try:
             splits = load_dataset(path)

@@ -6,16 +6,16 @@ from collections import Counter
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
+from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lit_rlhf.artifacts import reward_model_seen
+from lit_rlhf.artifacts import EVAL_PROMPTS, reward_model_seen
 from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.data.oasst1 import conversation, read_oasst1_rows
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, chat_prompt_ids, load_tokenizer
 
-EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
 
 
 def split_prompts(
@@ -122,12 +122,12 @@ class OASST1PromptDataModule(LightningDataModule):
         lang: str | None = "en",
         follow_ups: bool = False,
         reward_model_path: str | None = None,
-        num_train_prompts: int = 2000,
-        num_eval_prompts: int = 64,
-        max_prompt_length: int = 256,
-        batch_size: int = 64,
+        num_train_prompts: PositiveInt = 2000,
+        num_eval_prompts: NonNegativeInt = 64,
+        max_prompt_length: PositiveInt = 256,
+        batch_size: PositiveInt = 64,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -164,7 +164,7 @@ class OASST1PromptDataModule(LightningDataModule):
 
     def write_eval_prompts(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        out = folder / EVAL_PROMPTS_FILE
+        out = folder / EVAL_PROMPTS
         tmp = out.with_suffix(".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for p in self.eval_prompts:
@@ -189,7 +189,7 @@ class OASST1PromptDataModule(LightningDataModule):
 def read_eval_prompts(path: str | Path) -> list[dict]:
     """The unseen evaluation prompts a PPO run wrote (a run folder or the JSONL itself)."""
     path = Path(path)
-    file = path / EVAL_PROMPTS_FILE if path.is_dir() else path
+    file = path / EVAL_PROMPTS if path.is_dir() else path
     if not file.exists():
         raise UserInputError(f"No evaluation prompts at '{file}'. Run the PPO stage first (it writes them).")
     return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -2,6 +2,7 @@
 completions itself, so an "epoch" is just `steps_per_epoch` optimisation steps."""
 
 from lightning.pytorch import LightningDataModule
+from pydantic import PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.data.loaders import resumable_loader
@@ -22,12 +23,14 @@ class RepeatedPrompts(Dataset):
 
 
 class PromptsDataModule(LightningDataModule):
-    """Args:
-    prompts: the prompts to complete (default: the reference report's three).
-    steps_per_epoch: batches per epoch (checkpoints are written at epoch ends).
+    """The prompts RL-lite completes: every step's batch is the whole list.
+
+    Args:
+        prompts: the prompts to complete (default: the reference report's three).
+        steps_per_epoch: batches per epoch (checkpoints are written at epoch ends).
     """
 
-    def __init__(self, prompts: list[str] = list(REPORT_PROMPTS), steps_per_epoch: int = 100):
+    def __init__(self, prompts: list[str] = list(REPORT_PROMPTS), steps_per_epoch: PositiveInt = 100):
         super().__init__()
         if not prompts or not all(prompts):
             raise UserInputError("data.prompts must be a non-empty list of non-empty strings.")

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
+from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.data.char_tokenizer import CharTokenizer
@@ -94,16 +95,16 @@ class SFTCharsDataModule(LightningDataModule):
         path: str = "wikitext",
         name: str | None = "wikitext-2-raw-v1",
         vocab: list[str] | None = None,
-        k: int = 64,
-        stride: int = 128,
+        k: PositiveInt = 64,
+        stride: PositiveInt = 128,
         instruction_prefix: str = "Instruction: ",
         answer_prefix: str = "\nAnswer: ",
         val_fraction: float = 0.1,
         seed: int = 42,
         pretrain_val_fraction: float = 0.1,
-        max_chars: int | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
+        max_chars: PositiveInt | None = None,
+        batch_size: PositiveInt = 32,
+        num_workers: NonNegativeInt = 0,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -4,6 +4,7 @@ from functools import cached_property
 
 import torch
 from lightning.pytorch import LightningDataModule
+from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.data.char_tokenizer import CharTokenizer
@@ -52,12 +53,12 @@ class WikiText2DataModule(LightningDataModule):
         self,
         path: str = "wikitext",
         name: str | None = "wikitext-2-raw-v1",
-        block_size: int = 64,
-        batch_size: int = 16,
-        train_chars: int | None = None,
-        val_chars: int | None = None,
+        block_size: PositiveInt = 64,
+        batch_size: PositiveInt = 16,
+        train_chars: PositiveInt | None = None,
+        val_chars: PositiveInt | None = None,
         val_fraction: float = 0.1,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ):
         super().__init__()
         self.save_hyperparameters()

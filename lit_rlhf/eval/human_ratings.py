@@ -165,12 +165,20 @@ def summarize(eval_dir: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["rate", "summarize"])
-    parser.add_argument("--eval_dir", type=Path, required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lit_rlhf.eval.human_ratings", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("command", choices=["rate", "summarize"],
+                        help="rate: ask for the missing 1-5 ratings (blind, resumable), then summarize; "
+                             "summarize: write human_ratings.md (tables, mean per criterion, model names)")  # fmt: skip
+    parser.add_argument("--eval_dir", type=Path, required=True,
+                        help=f"an evaluation folder (the out_dir of python -m lit_rlhf.evaluate), holding {GENERATIONS_FILE}")
     parser.add_argument("--seed", type=int, default=0, help="shuffles the items for `rate`; keep it to resume in order")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "rate":
             rate(args.eval_dir, seed=args.seed)

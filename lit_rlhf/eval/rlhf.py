@@ -312,7 +312,8 @@ def evaluate(s: EvalSettings) -> EvalResult:
     judges = [Judge(role, path, scoring_settings(path, s.reward_max_length), reward_model_overlap(path, prompt_rows))
               for role, path in paths.items() if path]  # fmt: skip
     for judge in judges:
-        load_tokenizer(judge.path)  # a missing or offline reward model stops here, not after generation
+        # a missing or offline reward model stops here, not after generation; errors name the option given
+        load_tokenizer(judge.path, option="--reward_model" if judge.role == "training" else "--judge_reward_model")
     for run in s.policies.values():
         policy_export(run)
     kl_curves = {}

@@ -76,25 +76,40 @@ def embedded_smollm2_folder() -> Path:
     return folder
 
 
-def resolve_model_path(model_name_or_path: str) -> str:
-    """Map the embedded handle to its cached folder, check local folders, pass hub ids through."""
+def resolve_model_path(model_name_or_path: str, option: str = "model_name_or_path") -> str:
+    """Map the embedded handle to its cached folder, check local folders, pass hub ids through.
+    `option` is what the user set (`--reward_model`, ...): the errors name it."""
     if model_name_or_path.startswith("embedded:"):
         if model_name_or_path.lower() not in {EMBEDDED_SMOLLM2, "embedded:smollm2-135m-instruct"}:
             raise UserInputError(f"Unknown embedded model '{model_name_or_path}'. Known: '{EMBEDDED_SMOLLM2}'.")
         return str(embedded_smollm2_folder())
     if is_local_path(model_name_or_path):
-        folder = require_existing(model_name_or_path, "model_name_or_path")
+        folder = require_existing(model_name_or_path, option)
         if not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
-            raise UserInputError(
-                f"model_name_or_path '{model_name_or_path}' is not a Hugging Face model folder "
-                "(no config.json or adapter_config.json inside)."
-            )
+            raise _not_a_model_folder(model_name_or_path, option, folder)
         return str(folder)
     return model_name_or_path
 
 
-def _from_pretrained(loader, model_name_or_path: str, kind: str, **kwargs):
-    path = resolve_model_path(model_name_or_path)
+def _not_a_model_folder(path: str, option: str, folder: Path) -> UserInputError:
+    """A run folder where a model folder belongs: name the exported model inside it."""
+    models = sorted(f.parent.name for name in ("config.json", "adapter_config.json") for f in folder.glob(f"*/{name}"))
+    text = f"{option} '{path}' is not a Hugging Face model folder (no config.json or adapter_config.json inside)."
+    if "reward_model" in models:
+        export = folder / "reward_model"
+        return UserInputError(f"{text} It is the reward-model stage's run folder: pass its export, '{export}'.")
+    holds = f" It holds {', '.join(f'{m}/' for m in models)}: the output of another stage." if models else ""
+    if "reward" in option:
+        return UserInputError(f"{text}{holds} Pass the reward_model/ folder that the reward-model stage exports into "
+                              "its run folder, e.g. runs/reward_model/reward_model.")  # fmt: skip
+    if models:
+        return UserInputError(f"{text} It holds the model folder(s) {', '.join(f'{m}/' for m in models)}: pass one of "
+                              f"them, e.g. '{folder / models[0]}'.")  # fmt: skip
+    return UserInputError(text)
+
+
+def _from_pretrained(loader, model_name_or_path: str, kind: str, option: str = "model_name_or_path", **kwargs):
+    path = resolve_model_path(model_name_or_path, option)
     local = is_local_path(path)
     try:
         return loader.from_pretrained(path, **kwargs)
@@ -117,11 +132,12 @@ def _unreadable_folder(kind: str, path: str, error: Exception) -> UserInputError
 
 
 def load_tokenizer(
-    model_name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False
+    model_name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False,
+    option: str = "model_name_or_path",
 ) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (pad = eos when the model has none, as SmolLM2 does)."""
     tokenizer = _from_pretrained(
-        AutoTokenizer, model_name_or_path, "tokenizer", trust_remote_code=trust_remote_code
+        AutoTokenizer, model_name_or_path, "tokenizer", option, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

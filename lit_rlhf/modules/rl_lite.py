@@ -4,6 +4,7 @@ import copy
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from pydantic import PositiveInt
 
 from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.logging import log_table
@@ -45,17 +46,17 @@ class RLLiteModule(TinyGPTModule):
         init_from: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         keyword: str = "data",
-        target_len: int = 60,
+        target_len: PositiveInt = 60,
         length_weight: float = 0.25,
         partial_credit: float = 0.0,
-        samples_per_prompt: int = 16,
-        max_new_chars: int = 80,
+        samples_per_prompt: PositiveInt = 16,
+        max_new_chars: PositiveInt = 80,
         temperature: float = 1.0,
         stop_char: str | None = "\n",
         baseline_momentum: float = 0.9,
         entropy_coef: float = 0.0,
         kl_coef: float = 0.0,
-        log_samples_every_n_steps: int = 50,
+        log_samples_every_n_steps: PositiveInt = 50,
         **kwargs,
     ):
         super().__init__(init_from=init_from, optimizer=optimizer, **kwargs)

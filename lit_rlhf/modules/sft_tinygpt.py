@@ -3,6 +3,7 @@ report's SFT step), with the loss on the answer characters only."""
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from pydantic import NonNegativeInt, PositiveInt
 from torchmetrics import MetricCollection
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
@@ -26,7 +27,9 @@ def answer_metrics(prefix: str = "val/") -> MetricCollection:
 
 
 class SFTTinyGPTModule(TinyGPTModule):
-    """TinyGPT started from a pretraining checkpoint (`init_from`, same vocabulary), trained on
+    """SFT of a pretrained TinyGPT: the loss covers the answer characters only.
+
+    Starts from a pretraining checkpoint (`init_from`, same vocabulary) and trains on
     `SFTCharsDataModule` batches whose targets are `-100` outside the answer.
 
     Sequences (template + instruction + answer) may be longer than the model's block: every
@@ -42,9 +45,9 @@ class SFTTinyGPTModule(TinyGPTModule):
         self,
         init_from: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        window_stride: int = 16,
+        window_stride: PositiveInt = 16,
         generate_temperature: float = 0.0,
-        num_examples: int = 3,
+        num_examples: NonNegativeInt = 3,
         **kwargs,
     ):
         super().__init__(init_from=init_from, optimizer=optimizer, **kwargs)

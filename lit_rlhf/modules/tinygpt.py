@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from pydantic import NonNegativeInt, PositiveInt
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.char_tokenizer import CharTokenizer
@@ -35,8 +36,10 @@ def read_tinygpt_checkpoint(path: str) -> tuple[list[str], dict, dict[str, torch
 
 
 class TinyGPTModule(LightningModule):
-    """Next-character prediction. The vocabulary comes from the data module at `setup` and is
-    stored in the checkpoint's hyper-parameters, so `load_from_checkpoint` can sample right away.
+    """Char-level next-character prediction (TinyGPT pretraining).
+
+    The vocabulary comes from the data module at `setup` and is stored in the checkpoint's
+    hyper-parameters, so `load_from_checkpoint` can sample right away.
 
     `init_from`: a TinyGPT-family checkpoint to start from; its vocabulary, architecture and weights
     replace `vocab`/`block_size`/`n_layer`/`n_head`/`n_embd` (it is read only while `vocab` is unset,
@@ -46,14 +49,14 @@ class TinyGPTModule(LightningModule):
     def __init__(
         self,
         vocab: list[str] | None = None,
-        block_size: int = 64,
-        n_layer: int = 2,
-        n_head: int = 4,
-        n_embd: int = 64,
+        block_size: PositiveInt = 64,
+        n_layer: PositiveInt = 2,
+        n_head: PositiveInt = 4,
+        n_embd: PositiveInt = 64,
         dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_prompts: tuple[str, ...] = ("The ", "In 1990 , "),
-        sample_chars: int = 120,
+        sample_chars: NonNegativeInt = 120,
         sample_temperature: float = 0.8,
         init_from: str | None = None,
     ):
