@@ -11,6 +11,7 @@ import time
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from pydantic import NonNegativeInt, PositiveInt
 
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL
@@ -19,8 +20,10 @@ from lit_rlhf.rl.grpo import group_advantages, grpo_loss, k3_kl, leave_one_out_a
 
 
 class GRPOModule(OnlineRLModule):
-    """Each training step: `num_generations` responses per prompt, group-normalised advantages,
-    then `num_iterations` passes of clipped updates (with `beta` x k3 KL in the loss).
+    """GRPO: responses judged within their prompt's group, clipped updates, k3 KL in the loss.
+
+    Each training step samples `num_generations` responses per prompt, normalises their rewards
+    within the group, then runs `num_iterations` passes of clipped updates (`beta` x k3 KL added).
 
     Args:
         num_generations: responses per prompt (k, at least 2); a rollout is batch_size x k responses.
@@ -41,12 +44,12 @@ class GRPOModule(OnlineRLModule):
         reward_model_path: str = "runs/reward_model/reward_model",
         lora: LoraSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        num_generations: int = 4,
-        forward_batch_size: int = 16,
-        generation_batch_size: int | None = None,
-        mini_batch_size: int | None = None,
-        num_iterations: int = 1,
-        max_new_tokens: int = 128,
+        num_generations: PositiveInt = 4,
+        forward_batch_size: PositiveInt = 16,
+        generation_batch_size: PositiveInt | None = None,
+        mini_batch_size: PositiveInt | None = None,
+        num_iterations: PositiveInt = 1,
+        max_new_tokens: PositiveInt = 128,
         temperature: float = 0.7,
         missing_eos_penalty: float | None = None,
         beta: float = 0.04,
@@ -57,8 +60,8 @@ class GRPOModule(OnlineRLModule):
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         max_grad_norm: float = 1.0,
-        reward_max_length: int | None = None,
-        sample_every_n_steps: int = 5,
+        reward_max_length: PositiveInt | None = None,
+        sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
     ):
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
@@ -134,12 +137,12 @@ class RLOOModule(GRPOModule):
         reward_model_path: str = "runs/reward_model/reward_model",
         lora: LoraSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        num_generations: int = 4,
-        forward_batch_size: int = 16,
-        generation_batch_size: int | None = None,
-        mini_batch_size: int | None = None,
-        num_iterations: int = 1,
-        max_new_tokens: int = 128,
+        num_generations: PositiveInt = 4,
+        forward_batch_size: PositiveInt = 16,
+        generation_batch_size: PositiveInt | None = None,
+        mini_batch_size: PositiveInt | None = None,
+        num_iterations: PositiveInt = 1,
+        max_new_tokens: PositiveInt = 128,
         temperature: float = 0.7,
         missing_eos_penalty: float | None = None,
         beta: float = 0.05,
@@ -150,8 +153,8 @@ class RLOOModule(GRPOModule):
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         max_grad_norm: float = 1.0,
-        reward_max_length: int | None = None,
-        sample_every_n_steps: int = 5,
+        reward_max_length: PositiveInt | None = None,
+        sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
     ):
         if kl_in not in {"reward", "loss"}:

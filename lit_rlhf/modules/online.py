@@ -121,7 +121,8 @@ class OnlineRLModule(LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only what training changes, see on_save_checkpoint
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
-        self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code)
+        self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code,
+                                               option="model.reward_model_path")  # fmt: skip
         policy = load_causal_lm(model_name_or_path, trust_remote_code=trust_remote_code)
         if lora is None:
             self.ref_policy = freeze(copy.deepcopy(policy))

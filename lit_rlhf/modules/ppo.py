@@ -11,6 +11,7 @@ import time
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from pydantic import NonNegativeInt, PositiveInt
 from peft import PeftModel, get_peft_model
 
 from lit_rlhf.errors import UserInputError
@@ -20,8 +21,10 @@ from lit_rlhf.rl.ppo import gae, masked_whiten, ppo_policy_loss, ppo_value_loss,
 
 
 class PPOModule(OnlineRLModule):
-    """Each training step is one PPO iteration: roll out a batch of prompts, score it, then run
-    `ppo_epochs` passes of clipped policy/value updates over it in mini-batches.
+    """PPO with a critic: each training step is one iteration of rollout, scoring and clipped updates.
+
+    An iteration rolls out a batch of prompts, scores it, then runs `ppo_epochs` passes of clipped
+    policy/value updates over it in mini-batches.
 
     Args:
         model_name_or_path: the policy's starting model (hub id, local folder or `embedded:smollm2`).
@@ -54,11 +57,11 @@ class PPOModule(OnlineRLModule):
         critic_lora: LoraSettings | None = None,
         policy_optimizer: OptimizerCallable = torch.optim.AdamW,
         value_optimizer: OptimizerCallable = torch.optim.AdamW,
-        forward_batch_size: int = 16,
-        generation_batch_size: int | None = None,
-        mini_batch_size: int | None = None,
-        ppo_epochs: int = 4,
-        max_new_tokens: int = 128,
+        forward_batch_size: PositiveInt = 16,
+        generation_batch_size: PositiveInt | None = None,
+        mini_batch_size: PositiveInt | None = None,
+        ppo_epochs: PositiveInt = 4,
+        max_new_tokens: PositiveInt = 128,
         temperature: float = 0.7,
         missing_eos_penalty: float | None = None,
         kl_estimator: str = "k1",
@@ -71,8 +74,8 @@ class PPOModule(OnlineRLModule):
         clip_range_value: float = 0.2,
         whiten_rewards: bool = False,
         max_grad_norm: float = 1.0,
-        reward_max_length: int | None = None,
-        sample_every_n_steps: int = 5,
+        reward_max_length: PositiveInt | None = None,
+        sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
     ):
         # as stored in checkpoints (plain types load with weights_only=True)
