@@ -63,7 +63,7 @@ def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root
         assert (coef[i + 1] > coef[i]) == (kl[i] > 0.05), (i, kl[i], coef[i], coef[i + 1])
     assert {"objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/non_score_reward",
             "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
-            "val/num_eos_tokens"} <= set(df.columns)
+            "val/num_eos_tokens", "val/truncated_share", "policy/approxkl_avg_first_epoch"} <= set(df.columns)
     assert (tmp_path / "eval_prompts.jsonl").exists()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -274,3 +274,26 @@ def test_lora_updates_start_from_the_rollout_policy_and_values(parity_models, da
     assert len(compared) >= 4
     for new, old in compared:
         assert torch.allclose(new, old, atol=1e-5)
+
+
+def test_ppo_scores_as_the_reward_model_was_trained(parity_models, tmp_path, monkeypatch, capsys):
+    """Max length and prompt budget come from the reward model's export record; an explicit
+    reward_max_length wins with a warning."""
+    import json
+    import shutil
+
+    import lit_rlhf.modules.online as online
+    from lit_rlhf.artifacts import REWARD_MODEL_INFO
+
+    policy, reward = parity_models
+    exported = shutil.copytree(reward, tmp_path / "rm")
+    (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24}}))
+    calls = []
+    monkeypatch.setattr(online, "score_responses", lambda *args, **kwargs: calls.append((args[4], kwargs)) or torch.zeros(1))
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"])
+    assert calls[-1][0] == 96 and calls[-1][1]["min_prompt_tokens"] == 24
+    assert "warning" not in capsys.readouterr().out
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128).score(["q"], ["a"])
+    assert calls[-1][0] == 128 and calls[-1][1]["min_prompt_tokens"] == 24
+    assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
+        capsys.readouterr().out)
