@@ -20,6 +20,11 @@ def offline_env(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     torch.manual_seed(0)
+    yield
+    import wandb
+
+    if wandb.run is not None:  # Lightning leaves an in-process run open; the next test's logger would reuse it
+        wandb.finish()
 
 
 @pytest.fixture(scope="session")

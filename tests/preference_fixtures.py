@@ -68,6 +68,7 @@ def separable_pairs(n: int) -> list[dict]:
             "chosen": f"Sure! Here is a friendly fact about {topics[i % len(topics)]}. Thank you for asking.",
             "rejected": f"No. Go away {i}.",
             "post_id": f"q{i}",
+            "message_tree_id": f"t{i // 2}",
         }
         for i in range(n)
     ]

@@ -11,12 +11,15 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lit_rlhf.data.files import local_table_files
-from lit_rlhf.data.loaders import resumable_loader
+from lit_rlhf.data.files import read_local_tables
+from lit_rlhf.data.loaders import EpochShuffle, resumable_loader
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
 from lit_rlhf.logging import log_table, markdown_table, run_dir
@@ -64,11 +67,7 @@ def read_preference_source(path: str):
                 "or with prompt, chosen, rejected columns), e.g. oasst1 pairs written by "
                 "scripts/oasst1_to_pairs.py.",
             ) from error
-    builder, files = local_table_files(path, "data.path")
-    by_split: dict[str, list[str]] = {}
-    for file in files:
-        by_split.setdefault(_split_of(file) or "train", []).append(str(file))
-    return dict(load_dataset(builder, data_files=by_split))
+    return read_local_tables(path, "data.path", split_of=lambda file: _split_of(file) or "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +82,7 @@ def _shp_row(row: dict, margin_from_score_ratio: float) -> dict:
         "chosen": row["human_ref_A"] if a_preferred else row["human_ref_B"],
         "rejected": row["human_ref_B"] if a_preferred else row["human_ref_A"],
         "post_id": str(row["post_id"]),
+        "message_tree_id": "",
         "domain": re.sub(r"_(train|validation|test)$", "", str(row["domain"])),
         "score_ratio": ratio,
         "margin": margin_from_score_ratio * math.log(ratio),
@@ -98,6 +98,7 @@ def _generic_row(row: dict) -> dict:
         "rejected": row["rejected"],
         # Without post ids, pairs of the same prompt stay together when splitting.
         "post_id": str(post_id) if post_id is not None else str(prompt),
+        "message_tree_id": str(row.get("message_tree_id") or ""),
         "domain": str(row.get("domain") or ""),
         "score_ratio": float(row["score_ratio"]) if row.get("score_ratio") is not None else math.nan,
         "margin": float(row.get("margin") or 0.0),
@@ -105,8 +106,9 @@ def _generic_row(row: dict) -> dict:
 
 
 def normalise(dataset, path: str, margin_from_score_ratio: float = 0.0):
-    """SHP rows or `prompt, chosen, rejected` rows -> prompt, chosen, rejected, post_id, domain,
-    score_ratio, margin (a per-pair margin for the loss; 0 unless asked for)."""
+    """SHP rows or `prompt, chosen, rejected` rows -> prompt, chosen, rejected, post_id,
+    message_tree_id ("" when the file has none), domain, score_ratio, margin (a per-pair margin for
+    the loss; 0 unless asked for)."""
     columns = set(dataset.column_names)
     if set(SHP_FIELDS) <= columns:
         fn, kind = partial(_shp_row, margin_from_score_ratio=margin_from_score_ratio), "SHP"
@@ -152,46 +154,68 @@ def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
 
 def encode_prompt_response(
     tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64
-) -> tuple[list[int], dict[str, bool]]:
+) -> tuple[list[int], dict]:
     """Token ids of prompt + response through the chat template, at most `max_length` long.
 
     The response keeps its start: it is cut at its end only when it would leave fewer than
     `min_prompt_tokens` for the prompt. The prompt is then cut from the *left* (system header and
-    older turns go first, the question's end and the assistant header stay).
+    older turns go first, the question's end and the assistant header stay). The second value
+    holds the cut flags, `prompt_tokens` (kept: the response starts there) and
+    `untruncated_tokens` (the length before any cut).
     """
     if not 0 <= min_prompt_tokens < max_length:
         raise UserInputError(f"min_prompt_tokens ({min_prompt_tokens}) must be in [0, max_length {max_length}).")
     head, tail = render_prompt_response(tokenizer, prompt, response)
     prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    untruncated = len(prompt_ids) + len(response_ids)
     response_cut = len(response_ids) > max_length - min_prompt_tokens
     response_ids = response_ids[: max_length - min_prompt_tokens]
     budget = max_length - len(response_ids)
-    flags = {
+    info = {
         "prompt_cut": len(prompt_ids) > budget,
         "prompt_over_max_length": len(prompt_ids) > max_length,
         "response_cut": response_cut,
+        "untruncated_tokens": untruncated,
     }
-    if flags["prompt_cut"]:
+    if info["prompt_cut"]:
         prompt_ids = prompt_ids[len(prompt_ids) - budget :]
-    return prompt_ids + response_ids, flags
+    info["prompt_tokens"] = len(prompt_ids)
+    return prompt_ids + response_ids, info
+
+
+CUT_FLAGS = ("prompt_cut", "prompt_over_max_length", "response_cut")
 
 
 def _encode_row(row: dict, tokenizer, max_length: int, min_prompt_tokens: int) -> dict:
     encode = partial(
         encode_prompt_response, tokenizer, row["prompt"], max_length=max_length, min_prompt_tokens=min_prompt_tokens
     )
-    chosen, chosen_flags = encode(row["chosen"])
-    rejected, rejected_flags = encode(row["rejected"])
+    chosen, chosen_info = encode(row["chosen"])
+    rejected, rejected_info = encode(row["rejected"])
     return {
         "chosen_ids": chosen,
         "rejected_ids": rejected,
-        **{key: chosen_flags[key] or rejected_flags[key] for key in chosen_flags},
+        **{flag: chosen_info[flag] or rejected_info[flag] for flag in CUT_FLAGS},
+        **{f"{side}_{key}": info[key] for side, info in (("chosen", chosen_info), ("rejected", rejected_info))
+           for key in ("prompt_tokens", "untruncated_tokens")},  # fmt: skip
+        # untruncated character lengths: the "longer reply wins" baseline and the test subsets
+        "chosen_chars": len(str(row["chosen"])),
+        "rejected_chars": len(str(row["rejected"])),
     }
 
 
+LOADER_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "score_ratio", "domain_id", "post_index",
+                  "chosen_prompt_tokens", "rejected_prompt_tokens", "chosen_chars", "rejected_chars"]  # fmt: skip
+
+
 def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Chosen then rejected sequences in ONE right-padded batch of 2B rows (one forward pass)."""
+    """Chosen then rejected sequences in ONE right-padded batch of 2B rows (one forward pass).
+
+    Per row (chosen rows first): `prompt_tokens` (where the response starts) and `response_chars`
+    (the untruncated reply's characters); per pair: `post_index` (the pair's post within its split,
+    for intervals that resample a post's pairs together).
+    """
     sequences = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
     length = max(len(seq) for seq in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
@@ -205,7 +229,46 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
         "score_ratio": torch.tensor([item["score_ratio"] for item in items], dtype=torch.float32),
         "domain_id": torch.tensor([item["domain_id"] for item in items], dtype=torch.long),
+        "post_index": torch.tensor([item["post_index"] for item in items], dtype=torch.long),
+        "prompt_tokens": torch.tensor(
+            [item["chosen_prompt_tokens"] for item in items] + [item["rejected_prompt_tokens"] for item in items]
+        ),
+        "response_chars": torch.tensor(
+            [item["chosen_chars"] for item in items] + [item["rejected_chars"] for item in items]
+        ),
     }
+
+
+class PostGroupedShuffle(EpochShuffle):
+    """An epoch shuffle that keeps each post's pairs next to each other, so a batch holds the
+    comparisons of few prompts (InstructGPT's batching) and a reply that is in several of its pairs
+    is scored once. Posts are shuffled from (seed, epoch); with `lengths`, each window of
+    `group_posts` posts is sorted by its posts' longest pair (little padding). The order is cut into
+    batches whose full ones are shuffled, the short remainder last, as in `LengthGroupedShuffle`.
+    """
+
+    def __init__(self, data_source, seed: int, posts: list, batch_size: int, lengths: list[int] | None = None,
+                 group_posts: int = 100):  # fmt: skip
+        super().__init__(data_source, seed)
+        self.batch_size, self.group_posts = batch_size, group_posts
+        by_post: dict = {}
+        for index, post in enumerate(posts):
+            by_post.setdefault(post, []).append(index)
+        self.posts = list(by_post.values())
+        self.longest = [max(lengths[i] for i in pairs) for pairs in self.posts] if lengths is not None else None
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.posts), generator=generator).tolist()
+        if self.longest is not None:
+            windows = [order[i : i + self.group_posts] for i in range(0, len(order), self.group_posts)]
+            order = [post for window in windows for post in sorted(window, key=lambda p: -self.longest[p])]
+        indices = torch.tensor([i for post in order for i in self.posts[post]], dtype=torch.long)
+        batches = list(indices.split(self.batch_size))
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator)] + rest
+        yield from torch.cat(shuffled).tolist() if shuffled else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,14 +298,17 @@ class SHPDataModule(LightningDataModule):
         margin_from_score_ratio: per-pair loss margin = this * log(score_ratio) (SHP only).
         group_by_length: training batches of pairs of similar length (less padding, same pairs
             per epoch; `LengthGroupedShuffle`). Validation/test batches keep the file order.
+        batch_by_post: training batches keep each post's pairs together (`PostGroupedShuffle`;
+            with group_by_length, posts of similar length): fewer prompts and replies to score
+            per batch, the same number of pairs per batch and per epoch.
     """
 
     def __init__(
         self,
         path: str = SHP_HUB_ID,
         tokenizer_name_or_path: str | None = None,
-        max_length: int = 512,
-        min_prompt_tokens: int = 64,
+        max_length: PositiveInt = 512,
+        min_prompt_tokens: NonNegativeInt = 64,
         min_score_ratio: float | None = 2.0,
         max_pairs_per_post: int | None = None,
         domains: list[str] | None = None,
@@ -251,16 +317,18 @@ class SHPDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         margin_from_score_ratio: float = 0.0,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt | None = None,
         group_by_length: bool = True,
-        num_workers: int = 0,
-        preview_rows: int = 5,
+        batch_by_post: bool = False,
+        num_workers: NonNegativeInt = 0,
+        preview_rows: NonNegativeInt = 5,
         seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.datasets: dict = {}
+        self.length_stats: dict[str, dict] = {}
         self.domains: list[str] = []
         self.tokenizer = None
 
@@ -355,7 +423,11 @@ class SHPDataModule(LightningDataModule):
             desc=f"Encoding {split} pairs",
             keep_in_memory=True,
         )
-        dataset = dataset.map(lambda row: {"domain_id": domain_ids.get(row["domain"], -1)}, keep_in_memory=True)
+        post_index = {post: i for i, post in enumerate(sorted(set(dataset["post_id"])))}
+        dataset = dataset.map(
+            lambda row: {"domain_id": domain_ids.get(row["domain"], -1), "post_index": post_index[row["post_id"]]},
+            keep_in_memory=True,
+        )
         for flag, label in (("prompt_cut", "prompts cut from the left"),
                             ("prompt_over_max_length", f"prompts alone longer than max_length {hp.max_length} (cut)"),
                             ("response_cut", "responses cut at their end")):  # fmt: skip
@@ -365,6 +437,7 @@ class SHPDataModule(LightningDataModule):
         dataset = dataset.filter(lambda row: row["chosen_ids"] != row["rejected_ids"], keep_in_memory=True)
         if before - len(dataset):
             stats["skipped: identical after truncation"] = before - len(dataset)
+        self.length_stats[split] = length_report(dataset, hp.max_length)
         return dataset
 
     def prepare(self, splits: tuple[str, ...] = SPLITS) -> None:
@@ -388,6 +461,23 @@ class SHPDataModule(LightningDataModule):
         for split, (dataset, stats) in filtered.items():
             self.datasets[split] = self._encode(dataset, split, stats)
             print(f"[lit_rlhf] {split}: {len(self.datasets[split])} pairs ({_describe(stats)})")
+            print(f"[lit_rlhf] {split} {_describe_lengths(self.length_stats[split], self.hparams.max_length)}")
+
+    def export_record(self) -> dict:
+        """What `RewardModel.export` records (see lit_rlhf.artifacts): the scoring settings it trained
+        with and the posts / message trees of its train and validation splits."""
+        seen = [self.datasets[split] for split in ("train", "validation") if split in self.datasets]
+        return {
+            "scoring": {
+                "max_length": self.hparams.max_length,
+                "min_prompt_tokens": self.hparams.min_prompt_tokens,
+                "chat_template": True,
+            },
+            "trained_on": {
+                "message_tree_ids": sorted({tree for ds in seen for tree in ds["message_tree_id"] if tree}),
+                "post_ids": sorted({post for ds in seen for post in ds["post_id"]}),
+            },
+        }
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(stage, SPLITS)
@@ -428,8 +518,7 @@ class SHPDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        columns = ["chosen_ids", "rejected_ids", "margin", "score_ratio", "domain_id"]
-        dataset = self.datasets[split].select_columns(columns)
+        dataset = self.datasets[split].select_columns(LOADER_COLUMNS)
         collate = partial(collate_pairs, pad_token_id=self._tokenizer().pad_token_id)
         if not shuffle:
             batch_size = hp.eval_batch_size or hp.batch_size
@@ -437,6 +526,13 @@ class SHPDataModule(LightningDataModule):
         lengths = None
         if hp.group_by_length:  # a batch is padded to its longest sequence, chosen or rejected
             lengths = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+        if hp.batch_by_post:  # resumable as `resumable_loader`'s: the order is a function of (seed, epoch)
+            sampler = PostGroupedShuffle(
+                dataset, torch.initial_seed(), self.datasets[split]["post_id"], hp.batch_size, lengths
+            )
+            return StatefulDataLoader(
+                dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers, collate_fn=collate
+            )
         return resumable_loader(
             dataset, batch_size=hp.batch_size, lengths=lengths, num_workers=hp.num_workers, collate_fn=collate
         )
@@ -453,6 +549,31 @@ class SHPDataModule(LightningDataModule):
 
 def _nan_to(value: float, default: float) -> float:
     return default if math.isnan(value) else value
+
+
+def length_report(dataset, max_length: int) -> dict:
+    """Untruncated token lengths (chat template included) of chosen and rejected: p50/p95/max,
+    and how many pairs `max_length` still cuts (they are kept, cut as `encode_prompt_response` says)."""
+    report = {"pairs": len(dataset), "truncated_pairs": 0}
+    if len(dataset):
+        for side in ("chosen", "rejected"):
+            lengths = np.asarray(dataset[f"{side}_untruncated_tokens"])
+            report[side] = {"p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
+                            "max": int(lengths.max())}  # fmt: skip
+        longest = np.maximum(dataset["chosen_untruncated_tokens"], dataset["rejected_untruncated_tokens"])
+        report["truncated_pairs"] = int((longest > max_length).sum())
+    return report
+
+
+def _describe_lengths(report: dict, max_length: int) -> str:
+    sides = "; ".join(
+        f"{side} p50 {report[side]['p50']:.0f} / p95 {report[side]['p95']:.0f} / max {report[side]['max']}"
+        for side in ("chosen", "rejected") if side in report
+    )  # fmt: skip
+    return (
+        f"token lengths before truncation: {sides}; {report['truncated_pairs']} of {report['pairs']} pairs "
+        f"longer than max_length {max_length} (kept, cut)"
+    )
 
 
 def _describe(stats: Counter) -> str:

@@ -1,8 +1,9 @@
 """Reward model: a causal LM with a scalar head, trained on preference pairs (Bradley-Terry loss).
 
 The best `val/loss` weights are exported at the end of `fit` as a plain Hugging Face folder
-(`<default_root_dir>/reward_model/`, model + tokenizer) that PPO, its critic and evaluation load
-with `lit_rlhf.models.hf.load_sequence_scorer(path, pad_token_id)`.
+(`<default_root_dir>/reward_model/`, model + tokenizer + `lit_rlhf_export.json`, see
+lit_rlhf/artifacts.py) that PPO, its critic and evaluation load with
+`lit_rlhf.models.hf.load_sequence_scorer(path, pad_token_id)`.
 """
 
 import copy
@@ -13,18 +14,38 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from scipy.stats import bootstrap
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
-from lit_rlhf.logging import log_table
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer, load_tokenizer
+from lit_rlhf.logging import log_table, markdown_table, run_dir
+from lit_rlhf.models.frozen_trunk import (
+    FrozenTrunkCache,
+    last_token_index,
+    run_blocks,
+    run_blocks_sharing_prompts,
+    sequence_keys,
+    trunk_description,
+    unique_rows,
+    unsupported_reason,
+)
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+
+# test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
+METHODS = (("accuracy", "reward model"), ("baseline_longer_reply", "longer reply wins (characters)"),
+           ("baseline_zero_shot_logprob", "zero-shot mean log-prob of the base model"))  # fmt: skip
+SUBSETS = (("", "all pairs"), ("_chosen_shorter", "chosen is the shorter reply"),
+           ("_chosen_longer", "chosen is the longer reply"))  # fmt: skip
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -56,12 +77,63 @@ def train_only_top_blocks(model: nn.Module, n_blocks: int) -> None:
             child.requires_grad_(True)
 
 
+def grouped_bootstrap_interval(
+    values, groups, confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of `values` and its percentile-bootstrap interval, resampling whole groups: the pairs
+    of one prompt share replies, so they are not independent draws."""
+    values = np.asarray(values, dtype=float)
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    sums, counts = np.bincount(group, weights=values), np.bincount(group)
+    mean = float(values.mean())
+    if len(sums) < 2 or np.all(values == values[0]):
+        return mean, mean, mean
+    result = bootstrap(
+        (sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
+        confidence_level=confidence, n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+@torch.no_grad()
+def mean_response_logprob(
+    lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    response_start: torch.Tensor, chunk: int = 1024,
+) -> torch.Tensor:  # fmt: skip
+    """Per row, the mean log-prob of its tokens from `response_start` on given all tokens before
+    them, from the causal LM's final hidden states (the head runs on those positions only)."""
+    positions = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+    scored = (positions >= response_start.clamp(min=1)[:, None]) & (positions < attention_mask.sum(-1)[:, None])
+    states, tokens = hidden[:, :-1][scored], input_ids[:, 1:][scored]
+    logprob = torch.cat([
+        torch.log_softmax(lm_head(s).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+        for s, t in zip(states.split(chunk), tokens.split(chunk))
+    ])  # fmt: skip
+    sums = torch.zeros(len(input_ids), device=logprob.device).index_add_(0, scored.nonzero()[:, 0], logprob)
+    return sums / scored.sum(-1).clamp(min=1)
+
+
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    width = int(attention_mask.sum(-1).max())
+    return input_ids[:, :width], attention_mask[:, :width]
+
+
 class RewardModel(LightningModule):
     """Scalar reward r(prompt, response), read at the last non-pad token.
 
     Loss per pair: `-logsigmoid(r_chosen - r_rejected - margin)` (margin = `margin` + the data's
     per-pair margin), plus `center_rewards_coefficient * mean((r_chosen + r_rejected)^2)` to keep
     rewards centred on 0. Chosen and rejected sequences go through the model in one forward pass.
+
+    With `trainable_top_blocks`, the frozen blocks' output is computed once per distinct sequence
+    (`FrozenTrunkCache`, in memory and in `trunk_cache_path`) and every later pass runs only the
+    trainable blocks, the final norm and the head; a sequence in several pairs of a batch runs once.
+    Same losses, gradients, metrics and export as without it, only faster.
+
+    `test` reports accuracy with a 95% interval next to two baselines on the same pairs ("the
+    longer reply wins" and the base model's zero-shot mean response log-prob), on all pairs and on
+    the pairs whose chosen reply is the shorter / the longer one (console, loggers and
+    `<default_root_dir>/test_accuracy.md`).
 
     Args:
         model_name_or_path: hub id, local HF folder (also an exported reward model: its trained
@@ -70,6 +142,11 @@ class RewardModel(LightningModule):
             None trains everything.
         lora_r: when set, train LoRA adapters (peft) on `lora_target_modules` + the head instead;
             the export merges them into plain weights.
+        cache_frozen_trunk: keep the frozen trunk's output (top-N-blocks setting, Llama-style
+            models, no dropout in the frozen blocks); off by itself where it does not apply.
+        trunk_cache_path: the cache file, relative to trainer.default_root_dir; None = memory only.
+        baseline_model: the causal LM of the zero-shot log-prob baseline; default: the base model
+            the export was trained from (its `lit_rlhf_export.json`), else `model_name_or_path`.
         score_ratio_edges: bucket edges for `test/accuracy_ratio_*` (SHP's score ratios).
         export_dir: where the best model is written, relative to trainer.default_root_dir.
     """
@@ -87,6 +164,9 @@ class RewardModel(LightningModule):
         lora_target_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        cache_frozen_trunk: bool = True,
+        trunk_cache_path: str | None = "frozen_trunk_cache.safetensors",
+        baseline_model: str | None = None,
         score_ratio_edges: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0),
         export_dir: str = "reward_model",
     ):
@@ -101,8 +181,17 @@ class RewardModel(LightningModule):
         )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.frozen_blocks = 0  # > 0: the trunk cache keeps the output of this many bottom blocks
         if trainable_top_blocks is not None:
             train_only_top_blocks(self.model, trainable_top_blocks)
+            n_frozen = len(transformer_blocks(self.model)) - trainable_top_blocks
+            why_not = unsupported_reason(self.model, n_frozen) if cache_frozen_trunk else "cache_frozen_trunk is false"
+            if why_not is None:
+                self.frozen_blocks = n_frozen
+            else:
+                print(f"[lit_rlhf] frozen-trunk cache off: {why_not}")
+        self.trunk_cache: FrozenTrunkCache | None = None
+        self._baseline: tuple[nn.Module, bool] | None = None  # (base causal LM, shares the cached trunk)
         if lora_r is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -122,15 +211,52 @@ class RewardModel(LightningModule):
         self.test_correct, self.test_score_ratio, self.test_domain_id = (
             CatMetric(), CatMetric(nan_strategy="disable"), CatMetric()
         )
+        # per test pair: the baselines' verdicts (ties count one half), chosen minus rejected characters, its post
+        self.test_length_correct, self.test_logprob_correct = CatMetric(), CatMetric()
+        self.test_chars_diff, self.test_post_index = CatMetric(), CatMetric()
         self._last_batch_end: float | None = None
         self._test_start = 0.0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One reward per sequence (fp32)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+    def setup(self, stage: str) -> None:
+        if not self.frozen_blocks or self.trunk_cache is not None:
+            return
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            print(f"[lit_rlhf] frozen-trunk cache off: {type(strategy).__name__} shards the model")
+            return
+        path = None
+        if self.hparams.trunk_cache_path is not None and self.trainer.world_size == 1:
+            path = Path(self.hparams.trunk_cache_path)
+            path = path if path.is_absolute() else Path(self.trainer.default_root_dir) / path
+        self.trunk_cache = FrozenTrunkCache(self.model.base_model, self.frozen_blocks, path, str(self.trainer.precision))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One reward per sequence (fp32). `prompt_tokens` (where each row's response starts) lets
+        rows with the same prompt share its computation in the trainable blocks (trunk cache on)."""
+        if self.trunk_cache is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        keys = sequence_keys(input_ids, attention_mask)
+        rows, inverse = unique_rows(keys)
+        prompts = prompt_tokens[rows] if prompt_tokens is not None else None
+        input_ids, attention_mask = _trim(input_ids[rows], attention_mask[rows])
+        hidden = self._from_trunk(self.model.base_model, [keys[r] for r in rows], input_ids, attention_mask, prompts)
+        last = hidden[torch.arange(len(rows)), last_token_index(input_ids, self.model.config.pad_token_id)]
+        return self.model.score(last).squeeze(-1).float()[inverse.to(last.device)]
+
+    def _from_trunk(self, backbone: nn.Module, keys: list[str], input_ids, attention_mask, prompt_tokens=None):
+        """`backbone`'s final hidden states from the cached trunk output: its blocks above the trunk
+        (rows sharing a prompt run it once, except under gradient checkpointing, which drops the
+        keys/values that sharing needs) + its final norm."""
+        hidden = self.trunk_cache.hidden(keys, input_ids, attention_mask)
+        blocks = backbone.layers[self.frozen_blocks :]
+        if prompt_tokens is None or self.hparams.gradient_checkpointing:
+            return backbone.norm(run_blocks(backbone, hidden, attention_mask, blocks))
+        return backbone.norm(run_blocks_sharing_prompts(backbone, hidden, input_ids, attention_mask, prompt_tokens, blocks))
 
     def _pair_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = self(batch["input_ids"], batch["attention_mask"])
+        rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("prompt_tokens"))
         chosen, rejected = rewards.chunk(2)
         diff = chosen - rejected
         loss = -F.logsigmoid(diff - self.hparams.margin - batch["margin"]).mean()
@@ -168,6 +294,63 @@ class RewardModel(LightningModule):
             metric.reset()
         self._last_batch_end = None
 
+    def _build_trunk_cache(self, *loader_names: str) -> None:
+        """The pre-pass: the frozen trunk's output for every sequence of the data module's loaders
+        (replies to one prompt sharing the prompt), written to the cache file at once."""
+        datamodule = self.trainer.datamodule
+        if self.trunk_cache is None or datamodule is None:
+            return
+        loaders = [getattr(datamodule, name)() for name in loader_names]
+        with self.trainer.precision_plugin.forward_context():
+            self.trunk_cache.build(loaders)
+        self.trunk_cache.save()
+
+    def on_fit_start(self) -> None:
+        validates = self.trainer.limit_val_batches != 0
+        self._build_trunk_cache("train_dataloader", *(["val_dataloader"] if validates else []))
+
+    def on_train_epoch_end(self) -> None:
+        if self.trunk_cache is not None:
+            self.trunk_cache.save()
+
+    def on_test_start(self) -> None:
+        """Load the base causal LM of the zero-shot baseline. When its embeddings and bottom blocks are
+        the reward model's frozen trunk (a top-N-blocks model trained from it), it reads the cached
+        trunk output too and runs only its own top blocks."""
+        self._build_trunk_cache("test_dataloader")
+        source = self.hparams.model_name_or_path
+        base = self.hparams.baseline_model or reward_model_info(source).get("base_model", source)
+        model = load_causal_lm(base, trust_remote_code=self.hparams.trust_remote_code).to(self.device).eval()
+        shares = self.trunk_cache is not None and self.trunk_cache.description == trunk_description(
+            model.base_model, self.frozen_blocks, str(self.trainer.precision)
+        )
+        self._baseline = (model, shares)
+        print(f"[lit_rlhf] zero-shot baseline: mean response log-prob under {base}"
+              + (" (sharing the cached frozen trunk)" if shares else ""))  # fmt: skip
+
+    def on_test_end(self) -> None:
+        self._baseline = None
+        if self.trunk_cache is not None:
+            self.trunk_cache.save()
+
+    @torch.no_grad()
+    def baseline_logprob(self, batch) -> torch.Tensor:
+        """The base LM's mean log-prob of each row's response given its prompt (chosen rows first)."""
+        model, shares = self._baseline
+        keys = sequence_keys(batch["input_ids"], batch["attention_mask"])
+        rows, inverse = unique_rows(keys)
+        input_ids, attention_mask = _trim(batch["input_ids"][rows], batch["attention_mask"][rows])
+        if shares:
+            hidden = self._from_trunk(
+                model.base_model, [keys[r] for r in rows], input_ids, attention_mask, batch["prompt_tokens"][rows]
+            )
+        else:
+            hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logprob = mean_response_logprob(
+            model.get_output_embeddings(), hidden, input_ids, attention_mask, batch["prompt_tokens"][rows]
+        )
+        return logprob[inverse.to(logprob.device)]
+
     def on_test_epoch_start(self) -> None:
         self._test_start = time.perf_counter()
 
@@ -179,6 +362,11 @@ class RewardModel(LightningModule):
         self.test_correct.update((diff > 0).float())
         self.test_score_ratio.update(batch["score_ratio"])
         self.test_domain_id.update(batch["domain_id"].float())
+        self.test_post_index.update(batch["post_index"].float())
+        chars_chosen, chars_rejected = batch["response_chars"].chunk(2)
+        self.test_chars_diff.update((chars_chosen - chars_rejected).float())
+        self.test_length_correct.update(_verdict(chars_chosen.float(), chars_rejected.float()))
+        self.test_logprob_correct.update(_verdict(*self.baseline_logprob(batch).chunk(2)))
 
     def on_test_epoch_end(self) -> None:
         correct = self.test_correct.compute()
@@ -190,13 +378,51 @@ class RewardModel(LightningModule):
         }
         groups = self._group_accuracy(correct, self.test_score_ratio.compute(), self.test_domain_id.compute())
         metrics.update({f"test/accuracy_{name}": acc for name, (_, acc) in groups.items()})
+        metrics.update(self._accuracy_report(correct))
         self.log_dict(metrics)
         if groups:
             rows = [[name, n, f"{acc.item():.3f}"] for name, (n, acc) in groups.items()]
             log_table(self.trainer, "test/reward_model_groups", ["group", "pairs", "accuracy"], rows)
         for metric in (self.test_loss, self.test_accuracy, self.test_margin, self.test_correct,
-                       self.test_score_ratio, self.test_domain_id):  # fmt: skip
+                       self.test_score_ratio, self.test_domain_id, self.test_length_correct,
+                       self.test_logprob_correct, self.test_chars_diff, self.test_post_index):  # fmt: skip
             metric.reset()
+
+    def _accuracy_report(self, correct: torch.Tensor) -> dict[str, float]:
+        """Accuracy of the reward model and of both baselines, on all pairs and on the pairs whose chosen
+        reply is the shorter / longer one, each with a 95% interval resampling posts; logged, printed and
+        written to `<default_root_dir>/test_accuracy.md`."""
+        verdicts = [v.cpu().numpy() for v in (correct, self.test_length_correct.compute(), self.test_logprob_correct.compute())]
+        chars, posts = self.test_chars_diff.compute().cpu().numpy(), self.test_post_index.compute().cpu().numpy()
+        masks = [np.ones_like(chars, dtype=bool), chars < 0, chars > 0]
+        metrics, table = {}, []
+        for (prefix, label), values in zip(METHODS, verdicts):
+            cells = [label]
+            for (suffix, _), mask in zip(SUBSETS, masks):
+                if not mask.any():
+                    cells.append("-")
+                    continue
+                mean, low, high = grouped_bootstrap_interval(values[mask], posts[mask])
+                metrics.update({f"test/{prefix}{suffix}": mean, f"test/{prefix}{suffix}_ci_low": low,
+                                f"test/{prefix}{suffix}_ci_high": high})  # fmt: skip
+                cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+            table.append(cells)
+        metrics.pop("test/accuracy")  # logged from the BinaryAccuracy metric (the same value)
+        for (suffix, _), mask in zip(SUBSETS[1:], masks[1:]):
+            metrics[f"test/pairs{suffix}"] = float(mask.sum())
+        columns = ["method"] + [f"{label} ({int(mask.sum())})" for (_, label), mask in zip(SUBSETS, masks)]
+        log_table(self.trainer, "test/reward_model_accuracy", columns, table)
+        if self.trainer.is_global_zero:
+            out = run_dir(self.trainer) / "test_accuracy.md"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(
+                f"# Reward model test accuracy ({self.hparams.model_name_or_path}, {len(chars)} held-out pairs)\n\n"
+                f"{markdown_table(columns, table)}\n\nAccuracy [95% interval]: percentile bootstrap (10 000 "
+                "resamples) over posts, a post's pairs resampled together. Ties count one half for the baselines. "
+                "Lengths are the untruncated replies' characters; pairs of equal length are in neither subset.\n",
+                encoding="utf-8",
+            )
+        return metrics
 
     def _group_accuracy(self, correct, score_ratio, domain_id) -> dict[str, tuple[int, torch.Tensor]]:
         """Accuracy per SHP score-ratio bucket and per domain, for the groups the data has."""
@@ -229,18 +455,26 @@ class RewardModel(LightningModule):
              if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss" and cb.best_model_path),
             None,
         )  # fmt: skip
-        info = {"source": self.hparams.model_name_or_path, "global_step": self.global_step}
+        source = self.hparams.model_name_or_path
+        base = reward_model_info(source).get("base_model", source)
+        info = {"source": source, "base_model": base, "global_step": self.global_step}
+        record = getattr(self.trainer.datamodule, "export_record", None)  # scoring settings, trained_on
+        if record is not None:
+            info.update(record())
         if best is not None:
             state = load_checkpoint(best.best_model_path, "best val/loss checkpoint")["state_dict"]
             self.load_state_dict(state)
             info.update(checkpoint=best.best_model_path, best_val_loss=float(best.best_model_score))
         else:
             print("[lit_rlhf] no ModelCheckpoint on val/loss with a best model: exporting the final weights.")
+        if self.trunk_cache is not None:
+            self.trunk_cache.save()
         if self.trainer.is_global_zero:
             target = Path(self.hparams.export_dir)
             target = target if target.is_absolute() else Path(self.trainer.default_root_dir) / target
             self.export(target, info)
-            print(f"[lit_rlhf] reward model exported to {target} ({info})")
+            summary = {key: value for key, value in info.items() if key != "trained_on"}
+            print(f"[lit_rlhf] reward model exported to {target} ({summary})")
         self.trainer.strategy.barrier()
 
     def export(self, target: Path, info: dict | None = None) -> Path:
@@ -254,7 +488,7 @@ class RewardModel(LightningModule):
         try:
             model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
-            (staging / "lit_rlhf_export.json").write_text(json.dumps(info or {}, indent=2) + "\n")
+            (staging / REWARD_MODEL_INFO).write_text(json.dumps(info or {}, indent=2) + "\n")
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
                 os.replace(target, old / target.name)
@@ -263,3 +497,8 @@ class RewardModel(LightningModule):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+
+def _verdict(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """1 when a baseline prefers the chosen reply, 0 when the rejected one, 1/2 on a tie."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()

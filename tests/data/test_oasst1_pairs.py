@@ -86,3 +86,22 @@ def test_bad_source_is_a_user_input_error(tmp_path):
         read_oasst1_rows(str(write_jsonl(tmp_path / "x.jsonl", [{"text": "hi"}])))
     with pytest.raises(UserInputError, match="does not exist"):
         read_oasst1_rows(str(tmp_path / "none.jsonl"))
+
+
+def test_script_pools_several_sources_and_refuses_overlapping_ones(tmp_path, monkeypatch, capsys):
+    def tree(k):
+        return [dict(r, message_tree_id=f"{k}", message_id=f"{r['message_id']}{k}",
+                     parent_id=r["parent_id"] and f"{r['parent_id']}{k}") for r in ROWS[:4]]  # fmt: skip
+
+    first = write_jsonl(tmp_path / "a.jsonl", [row for k in range(6) for row in tree(f"a{k}")])
+    second = write_jsonl(tmp_path / "b.jsonl", [row for k in range(4) for row in tree(f"b{k}")])
+    out = tmp_path / "pairs"
+    monkeypatch.setattr(sys, "argv", [SCRIPT, str(first), str(second), str(out), "--split", "0.6", "0.2", "0.2"])
+    runpy.run_path(SCRIPT, run_name="__main__")
+    rows = [json.loads(line) for split in ("train", "validation", "test") for line in (out / f"{split}.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 * 3 and {r["message_tree_id"][0] for r in rows} == {"a", "b"}
+    assert all(r["post_id"] == f"q{r['message_tree_id']}" for r in rows)  # the prompter message's id
+    monkeypatch.setattr(sys, "argv", [SCRIPT, str(first), str(first), str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 2 and "appear more than once" in capsys.readouterr().err

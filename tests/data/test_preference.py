@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 from lightning.pytorch import Trainer
 from preference_fixtures import make_shp_folder, separable_pairs, shp_row, shp_rows, write_jsonl
 
-from lit_rlhf.data.preference import SHPDataModule, encode_prompt_response, render_prompt_response
+from lit_rlhf.data.preference import CUT_FLAGS, SHPDataModule, encode_prompt_response, render_prompt_response
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import load_tokenizer
 
@@ -93,7 +94,10 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_response_start(t
     assert len(ids) == 64 and ids[-len(response_ids) :] == response_ids
     text = tokenizer.decode(ids)
     assert "START" not in text and "END OF QUESTION?<|im_end|>\n<|im_start|>assistant\nThe answer begins" in text
-    assert flags == {"prompt_cut": True, "prompt_over_max_length": True, "response_cut": False}
+    assert {flag: flags[flag] for flag in CUT_FLAGS} == {"prompt_cut": True, "prompt_over_max_length": True, "response_cut": False}
+    head, _ = render_prompt_response(tokenizer, prompt, response)
+    assert flags["prompt_tokens"] == 64 - len(response_ids)  # the response starts right after the kept prompt
+    assert flags["untruncated_tokens"] == len(tokenizer(head, add_special_tokens=False)["input_ids"]) + len(response_ids)
     # A response longer than max_length - min_prompt_tokens keeps its start and loses its end.
     ids, flags = encode_prompt_response(tokenizer, "Q?", "First words. " + "more " * 400, 96, min_prompt_tokens=32)
     assert len(ids) <= 96 and flags["response_cut"] and not flags["prompt_cut"]
@@ -154,3 +158,39 @@ def test_batches_put_chosen_and_rejected_in_one_padded_tensor(tmp_path, smol_tok
     assert lengths[0] == len(first["chosen_ids"]) and lengths[4] == len(first["rejected_ids"])
     assert (batch["input_ids"][batch["attention_mask"] == 0] == dm.tokenizer.pad_token_id).all()
     assert batch["domain_id"].tolist()[0] in (0, 1) and batch["score_ratio"][0] > 1
+    # per row: where the response starts and its untruncated characters; per pair: its post
+    head, _ = render_prompt_response(dm.tokenizer, first["prompt"], first["chosen"])
+    assert batch["prompt_tokens"][0] == len(dm.tokenizer(head, add_special_tokens=False)["input_ids"])
+    assert batch["response_chars"].tolist()[0] == len(first["chosen"]) and batch["response_chars"].tolist()[4] == len(first["rejected"])
+    posts = sorted(set(dm.datasets["validation"]["post_id"]))
+    assert batch["post_index"].tolist()[0] == posts.index(first["post_id"])
+
+
+def test_pair_ids_length_report_and_export_record(tmp_path, smol_tokenizer_dir, tokenizer, capsys):
+    rows = separable_pairs(12)
+    rows[3]["chosen"] = "A long answer. " * 30  # longer than max_length with its prompt: kept, cut
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", rows[:8])
+    write_jsonl(tmp_path / "pairs" / "validation.jsonl", rows[8:10])
+    write_jsonl(tmp_path / "pairs" / "test.jsonl", rows[10:])
+    dm = datamodule(tmp_path / "pairs", smol_tokenizer_dir, max_length=64, min_prompt_tokens=16)
+    dm.prepare()
+    train = dm.datasets["train"]
+    assert list(train["post_id"]) == [f"q{i}" for i in range(8)]
+    assert list(train["message_tree_id"]) == [f"t{i // 2}" for i in range(8)]
+
+    def length(prompt, response) -> int:
+        head, tail = render_prompt_response(tokenizer, prompt, response)
+        return len(tokenizer(head + tail, add_special_tokens=False)["input_ids"])
+
+    chosen = [length(r["prompt"], r["chosen"]) for r in rows[:8]]
+    rejected = [length(r["prompt"], r["rejected"]) for r in rows[:8]]
+    report = dm.length_stats["train"]
+    assert report["chosen"] == {"p50": np.percentile(chosen, 50), "p95": np.percentile(chosen, 95), "max": max(chosen)}
+    assert report["rejected"]["max"] == max(rejected)
+    assert report["truncated_pairs"] == sum(max(c, r) > 64 for c, r in zip(chosen, rejected)) == 1
+    assert len(train) == 8 and max(len(ids) for ids in train["chosen_ids"]) == 64  # counted, not dropped
+    assert "1 of 8 pairs longer than max_length 64 (kept, cut)" in capsys.readouterr().out
+    assert dm.export_record() == {
+        "scoring": {"max_length": 64, "min_prompt_tokens": 16, "chat_template": True},
+        "trained_on": {"message_tree_ids": [f"t{i}" for i in range(5)], "post_ids": [f"q{i}" for i in range(10)]},
+    }
