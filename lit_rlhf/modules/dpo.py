@@ -12,19 +12,17 @@ The policy runs in eval mode, updates included (as TRL disables dropout): with d
 log-probs at step 0 would differ from the reference's and the implicit rewards would start on noise.
 """
 
-import copy
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from peft import get_peft_model
 
 from lit_rlhf.artifacts import save_folder_atomically
 from lit_rlhf.errors import UserInputError, require_finite
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_tokenizer
-from lit_rlhf.modules.online import LoraSettings, freeze
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
+from lit_rlhf.modules.online import LoraSettings, policy_and_reference
 from lit_rlhf.rl.dpo import dpo_loss, implicit_rewards, ipo_loss, response_token_mask, sequence_logps
 from lit_rlhf.rl.ppo import logprobs_from_logits
 
@@ -68,13 +66,7 @@ class DPOModule(LightningModule):
             raise UserInputError(f"label_smoothing applies to loss_type 'sigmoid' only; set it to 0 for '{loss_type}'.")
         self.optimizer = optimizer
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="right", trust_remote_code=trust_remote_code)
-        policy = load_causal_lm(model_name_or_path, trust_remote_code=trust_remote_code)
-        if lora is None:
-            self.ref_policy = freeze(copy.deepcopy(policy))
-            self.policy = policy
-        else:
-            self.ref_policy = None  # the reference is the policy with its adapters disabled
-            self.policy = get_peft_model(policy, lora.config("CAUSAL_LM"))
+        self.policy, self.ref_policy = policy_and_reference(model_name_or_path, lora, trust_remote_code)
         self.policy.eval()  # kept: Lightning restores each submodule's own mode after validation
 
     def response_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

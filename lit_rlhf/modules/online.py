@@ -55,6 +55,15 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def policy_and_reference(model_name_or_path: str, lora: LoraSettings | None, trust_remote_code: bool = False):
+    """(policy, reference): full, the reference is a frozen copy; LoRA, the reference is None (the
+    policy with its adapters disabled, no second copy)."""
+    policy = load_causal_lm(model_name_or_path, trust_remote_code=trust_remote_code)
+    if lora is None:
+        return policy, freeze(copy.deepcopy(policy))
+    return get_peft_model(policy, lora.config("CAUSAL_LM")), None
+
+
 def count_trainable(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -123,13 +132,7 @@ class OnlineRLModule(LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
         self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code,
                                                option="model.reward_model_path")  # fmt: skip
-        policy = load_causal_lm(model_name_or_path, trust_remote_code=trust_remote_code)
-        if lora is None:
-            self.ref_policy = freeze(copy.deepcopy(policy))
-            self.policy = policy
-        else:
-            self.ref_policy = None  # the reference is the policy with its adapters disabled
-            self.policy = get_peft_model(policy, lora.config("CAUSAL_LM"))
+        self.policy, self.ref_policy = policy_and_reference(model_name_or_path, lora, trust_remote_code)
         self.reward_model = freeze(
             load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code, trained_head=True)
         )

@@ -8,9 +8,6 @@ lit_rlhf/artifacts.py) that PPO, its critic and evaluation load with
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info
+from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
 from lit_rlhf.logging import log_table, markdown_table, run_dir
 from lit_rlhf.models.frozen_trunk import (
@@ -478,24 +475,17 @@ class RewardModel(LightningModule):
         self.trainer.strategy.barrier()
 
     def export(self, target: Path, info: dict | None = None) -> Path:
-        """Write model + tokenizer with `save_pretrained` to a temporary folder, then rename it."""
+        """Model + tokenizer (`save_pretrained`) and the export record, written atomically."""
         model = self.model
         if self.hparams.lora_r is not None:
             model = copy.deepcopy(model).merge_and_unload()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; other runs and users read the export
-        try:
+
+        def save(staging: Path) -> None:
             model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
             (staging / REWARD_MODEL_INFO).write_text(json.dumps(info or {}, indent=2) + "\n")
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-                os.replace(target, old / target.name)
-                shutil.rmtree(old)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        save_folder_atomically(target, save)
         return target
 
 
