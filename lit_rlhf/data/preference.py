@@ -205,7 +205,7 @@ def _encode_row(row: dict, tokenizer, max_length: int, min_prompt_tokens: int) -
     }
 
 
-LOADER_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "score_ratio", "domain_id", "post_index",
+LOADER_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "score_ratio", "domain_id", "post_index",
                   "chosen_prompt_tokens", "rejected_prompt_tokens", "chosen_chars", "rejected_chars"]  # fmt: skip
 
 
@@ -227,6 +227,7 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
+        "weight": torch.tensor([item["weight"] for item in items], dtype=torch.float32),
         "score_ratio": torch.tensor([item["score_ratio"] for item in items], dtype=torch.float32),
         "domain_id": torch.tensor([item["domain_id"] for item in items], dtype=torch.long),
         "post_index": torch.tensor([item["post_index"] for item in items], dtype=torch.long),
@@ -298,6 +299,9 @@ class SHPDataModule(LightningDataModule):
         margin_from_score_ratio: per-pair loss margin = this * log(score_ratio) (SHP only).
         group_by_length: training batches of pairs of similar length (less padding, same pairs
             per epoch; `LengthGroupedShuffle`). Validation/test batches keep the file order.
+        balance_length: weight the training pairs (the loss's `weight`) so that those whose chosen
+            reply is the shorter one (characters) weigh as much in total as those where it is the
+            longer one: preferring the longer reply alone no longer lowers the loss.
         batch_by_post: training batches keep each post's pairs together (`PostGroupedShuffle`;
             with group_by_length, posts of similar length): fewer prompts and replies to score
             per batch, the same number of pairs per batch and per epoch.
@@ -321,6 +325,7 @@ class SHPDataModule(LightningDataModule):
         eval_batch_size: PositiveInt | None = None,
         group_by_length: bool = True,
         batch_by_post: bool = False,
+        balance_length: bool = False,
         num_workers: NonNegativeInt = 0,
         preview_rows: NonNegativeInt = 5,
         seed: int = 0,
@@ -437,6 +442,8 @@ class SHPDataModule(LightningDataModule):
         dataset = dataset.filter(lambda row: row["chosen_ids"] != row["rejected_ids"], keep_in_memory=True)
         if before - len(dataset):
             stats["skipped: identical after truncation"] = before - len(dataset)
+        weights = length_balance_weights(dataset) if hp.balance_length and split == "train" else None
+        dataset = dataset.add_column("weight", weights or [1.0] * len(dataset))
         self.length_stats[split] = length_report(dataset, hp.max_length)
         return dataset
 
@@ -549,6 +556,15 @@ class SHPDataModule(LightningDataModule):
 
 def _nan_to(value: float, default: float) -> float:
     return default if math.isnan(value) else value
+
+
+def length_balance_weights(dataset) -> list[float]:
+    """Per pair: n / (2 n_side) for the pairs whose chosen reply is the shorter (or the longer) one,
+    1 for replies of equal length, so both sides weigh n/2 and the mean weight stays 1."""
+    sides = np.sign(np.asarray(dataset["chosen_chars"]) - np.asarray(dataset["rejected_chars"]))
+    counts = {side: int((sides == side).sum()) for side in (-1, 1)}
+    paired = counts[-1] + counts[1]
+    return [1.0 if side == 0 or not counts[-side] else paired / (2 * counts[side]) for side in sides]
 
 
 def length_report(dataset, max_length: int) -> dict:

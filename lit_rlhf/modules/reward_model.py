@@ -119,7 +119,8 @@ class RewardModel(LightningModule):
     """Scalar reward r(prompt, response), read at the last non-pad token.
 
     Loss per pair: `-logsigmoid(r_chosen - r_rejected - margin)` (margin = `margin` + the data's
-    per-pair margin), plus `center_rewards_coefficient * mean((r_chosen + r_rejected)^2)` to keep
+    per-pair margin), times the data's per-pair `weight` when the batch has one (1 unless
+    data.balance_length), averaged, plus `center_rewards_coefficient * mean((r_chosen + r_rejected)^2)` to keep
     rewards centred on 0. Chosen and rejected sequences go through the model in one forward pass.
 
     With `trainable_top_blocks`, the frozen blocks' output is computed once per distinct sequence
@@ -256,7 +257,8 @@ class RewardModel(LightningModule):
         rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("prompt_tokens"))
         chosen, rejected = rewards.chunk(2)
         diff = chosen - rejected
-        loss = -F.logsigmoid(diff - self.hparams.margin - batch["margin"]).mean()
+        loss = -F.logsigmoid(diff - self.hparams.margin - batch["margin"])
+        loss = (loss * batch["weight"]).mean() if "weight" in batch else loss.mean()  # data.balance_length
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
         return loss, diff

@@ -194,3 +194,20 @@ def test_pair_ids_length_report_and_export_record(tmp_path, smol_tokenizer_dir, 
         "scoring": {"max_length": 64, "min_prompt_tokens": 16, "chat_template": True},
         "trained_on": {"message_tree_ids": [f"t{i}" for i in range(5)], "post_ids": [f"q{i}" for i in range(10)]},
     }
+
+
+def test_balance_length_weighs_both_length_sides_equally(tmp_path, smol_tokenizer_dir):
+    rows = separable_pairs(8)  # chosen is the longer reply in all 8 ...
+    for row in rows[:2]:  # ... but in these 2 it is the shorter one
+        row["chosen"], row["rejected"] = "Ok.", "A much longer reply than the chosen one, which is short."
+    rows.append({"prompt": "Tie?", "chosen": "abc", "rejected": "xyz", "post_id": "tie"})
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "pairs" / "validation.jsonl", rows)
+    write_jsonl(tmp_path / "pairs" / "test.jsonl", rows)
+    dm = datamodule(tmp_path / "pairs", smol_tokenizer_dir, max_length=96, min_prompt_tokens=16, balance_length=True)
+    dm.prepare(("train", "validation"))
+    weights = list(dm.datasets["train"]["weight"])
+    assert weights == pytest.approx([8 / (2 * 2)] * 2 + [8 / (2 * 6)] * 6 + [1.0])  # each side weighs 4 of 8
+    assert set(dm.datasets["validation"]["weight"]) == {1.0}  # val/test losses stay unweighted
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["weight"].tolist() == [1.0] * 8

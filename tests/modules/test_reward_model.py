@@ -112,6 +112,11 @@ def test_loss_margin_and_centering(tiny_llama_dir, monkeypatch):
     expected = -(torch.nn.functional.logsigmoid(torch.tensor([2.0 - 0.5, -0.5 - 1.5]))).mean() + 0.1 * ((torch.tensor([2.0, 2.5])) ** 2).mean()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(diff, torch.tensor([2.0, -0.5]))
+    # per-pair weights (data.balance_length): a weighted mean of the pair losses
+    weighted, _ = model._pair_step({**batch, "weight": torch.tensor([0.5, 1.5])})
+    pair_losses = -torch.nn.functional.logsigmoid(torch.tensor([2.0 - 0.5, -0.5 - 1.5]))
+    expected = (0.5 * pair_losses[0] + 1.5 * pair_losses[1]) / 2 + 0.1 * ((torch.tensor([2.0, 2.5])) ** 2).mean()
+    torch.testing.assert_close(weighted, expected)
 
 
 def test_trainable_top_blocks_freezes_the_rest(tmp_path, smol_tokenizer_dir):
