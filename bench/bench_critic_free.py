@@ -89,7 +89,7 @@ def tiny_policy(folder: Path, tokenizer_source: str, seed: int) -> str:
 
 def write_prompts(data_path: str, policy: str, count: int, max_prompt_length: int, seed: int, out: Path) -> dict:
     """`count` root prompts (lang en) whose chat-templated ids fit `max_prompt_length`, as JSONL."""
-    from lit_rlhf.models.hf import chat_prompt_ids
+    from lit_rlhf.text import chat_prompt_ids
 
     tokenizer = load_tokenizer(policy)
     if data_path.endswith(".gz"):  # the packaged sample: read through a plain .jsonl copy

@@ -210,7 +210,7 @@ class Bench:
     @cached_property
     def pairs(self) -> tuple[Path, int]:
         """(folder, count) of the sample's preference pairs, the same file under every split name so
-        that SHPDataModule keeps all of them for training (no split by post)."""
+        that PreferenceDataModule keeps all of them for training (no split by post)."""
         from lit_rlhf.data.oasst1 import oasst1_preference_pairs
 
         pairs = oasst1_preference_pairs(self.sample[1])
@@ -231,7 +231,7 @@ class Bench:
         )
 
     def reward_model(self, s: dict, deadline: float) -> dict:
-        from lit_rlhf.data.preference import SHPDataModule
+        from lit_rlhf.data.preference import PreferenceDataModule
         from lit_rlhf.modules.reward_model import RewardModel
 
         config = load_config("reward_model.yaml")
@@ -239,7 +239,9 @@ class Bench:
         data_args = {**config["data"]["init_args"], **s["data"]}
         policy, _ = self.models
         folder, n_pairs = self.pairs
-        data = SHPDataModule(**{**data_args, "path": str(folder), "tokenizer_name_or_path": policy, "preview_rows": 0})
+        data = PreferenceDataModule(
+            **{**data_args, "path": str(folder), "tokenizer_name_or_path": policy, "preview_rows": 0}
+        )
         data.prepare(("train",))
         module = RewardModel(
             **{**model_args, "model_name_or_path": policy, "optimizer": optimizer_from(model_args["optimizer"])}

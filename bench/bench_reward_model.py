@@ -1,4 +1,4 @@
-"""A whole CPU-setting reward-model run of lit_rlhf (RewardModel + SHPDataModule, frozen-trunk cache
+"""A whole CPU-setting reward-model run of lit_rlhf (RewardModel + PreferenceDataModule, frozen-trunk cache
 included) against `trl.RewardTrainer` (trl 1.16, a project dependency) at the same settings:
 training pairs/s over the whole multi-epoch run and test accuracy of both. Goal: lit_rlhf >= 3x.
 
@@ -27,7 +27,7 @@ import yaml
 from lightning.pytorch import Trainer, seed_everything
 from trl import RewardConfig, RewardTrainer
 
-from lit_rlhf.data.preference import SHPDataModule, collate_pairs
+from lit_rlhf.data.preference import PreferenceDataModule, collate_pairs
 from lit_rlhf.models.hf import load_sequence_scorer, load_tokenizer, resolve_model_path
 from lit_rlhf.modules.reward_model import RewardModel, train_only_top_blocks
 
@@ -76,7 +76,7 @@ def pair_accuracy(model, dataset, pad_token_id: int, batch_size: int) -> float:
     return correct / len(dataset)
 
 
-def run_lit(s: dict, data: SHPDataModule, policy: str, cache_path: Path) -> tuple[float, float]:
+def run_lit(s: dict, data: PreferenceDataModule, policy: str, cache_path: Path) -> tuple[float, float]:
     cuda = s["device"] == "cuda"
     seed_everything(s["seed"])
     module = RewardModel(
@@ -102,7 +102,7 @@ def run_lit(s: dict, data: SHPDataModule, policy: str, cache_path: Path) -> tupl
 
 
 
-def run_trl(s: dict, data: SHPDataModule, policy: str) -> tuple[float, float]:
+def run_trl(s: dict, data: PreferenceDataModule, policy: str) -> tuple[float, float]:
     seed_everything(s["seed"])
     tokenizer = load_tokenizer(policy)
     model = load_sequence_scorer(policy, tokenizer.pad_token_id)  # the same seeded head as lit_rlhf's
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     s["seed"], s["device"] = args.seed, args.device
 
     policy = resolve_model_path(s["policy"])
-    data = SHPDataModule(
+    data = PreferenceDataModule(
         path=args.pairs, tokenizer_name_or_path=policy, max_length=s["max_length"],
         min_prompt_tokens=s["min_prompt_tokens"], min_score_ratio=None,
         max_train_pairs=args.train_pairs, max_eval_pairs=args.test_pairs, batch_size=s["batch_size"],

@@ -100,7 +100,7 @@ def _description() -> str:
         + "\nOverrides, stacked after a stage's config (the later file wins):\n  "
         + "\n  ".join(overrides)
         + f"\n\nA --config path that does not exist from the current folder is read from '{REPO}'.\n"
-        f"Options of a module or data module: {PROG} fit --model.help PPOModule, --data.help SHPDataModule.\n"
+        f"Options of a module or data module: {PROG} fit --model.help PPOModule, --data.help PreferenceDataModule.\n"
         "The evaluation is python -m lit_rlhf.evaluate; the whole RLHF pipeline python -m lit_rlhf.pipeline."
     )
 
@@ -192,6 +192,8 @@ class LitRLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # PPO's data module keeps the reward model's training trees out of its evaluation prompts.
         parser.link_arguments("model.init_args.reward_model_path", "data.init_args.reward_model_path")
+        # Text data is tokenized by the model's own tokenizer: one setting, never two that must match.
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -112,7 +112,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         data = (["--data.path", str(pairs / "reward_model")] if name == "dpo" else
                 ["--data.path", str(pairs / "prompt_rows.jsonl"), "--model.reward_model_path", str(reward_model)])
         stages.append(Stage(name, ["lit_rlhf", "fit", *stage_configs(config, setting["overrides"]),
-                                   "--model.model_name_or_path", model, "--data.tokenizer_name_or_path", model, *data,
+                                   "--model.model_name_or_path", model, *data,
                                    "--trainer.default_root_dir", str(folder)],
                             folder, folder / export / ("adapter_config.json" if export == POLICY_ADAPTER else "config.json")))  # fmt: skip
     selected = [name for name in args.stages if name in POLICIES]

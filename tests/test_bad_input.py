@@ -25,14 +25,14 @@ from lit_rlhf.data.char_tokenizer import UNK
 from lit_rlhf.data.medmnist import MedMNISTDataModule
 from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.data.oasst1_prompts import split_prompts
-from lit_rlhf.data.preference import SHPDataModule, read_preference_source
+from lit_rlhf.data.preference import PreferenceDataModule, read_preference_source
 from lit_rlhf.data.prompts import PromptsDataModule
 from lit_rlhf.data.wikitext import WikiText2DataModule
 from lit_rlhf.errors import NonFiniteError, UserInputError
 from lit_rlhf.eval import gan_report, tinygpt_results
 from lit_rlhf.eval.generation import generate_responses
 from lit_rlhf.eval.rlhf import load_lora_policy
-from lit_rlhf.models.hf import chat_prompt_ids, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.hf import load_causal_lm, load_sequence_scorer, load_tokenizer
 from lit_rlhf.modules.dcgan import DCGAN
 from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
 from lit_rlhf.modules.ppo import PPOModule
@@ -40,6 +40,7 @@ from lit_rlhf.modules.reward_model import RewardModel
 from lit_rlhf.modules.rl_lite import RLLiteModule
 from lit_rlhf.modules.sft_tinygpt import SFTTinyGPTModule
 from lit_rlhf.modules.tinygpt import TinyGPTModule
+from lit_rlhf.text import chat_prompt_ids
 from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,8 +261,9 @@ def test_reward_model_nan_loss_stops_before_the_export(tmp_path, tiny_llama_dir,
     monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask, *_: torch.full((len(input_ids),), math.nan))
     trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0)
+    data = PreferenceDataModule(str(tmp_path / "pairs"), max_length=64, min_prompt_tokens=16, batch_size=4)
     with pytest.raises(NonFiniteError, match="train/loss = nan at step 0"):
-        trainer.fit(model, SHPDataModule(str(tmp_path / "pairs"), max_length=64, min_prompt_tokens=16, batch_size=4))
+        trainer.fit(model, data)
     assert not (tmp_path / "reward_model").exists() and not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -588,7 +590,7 @@ def stage_args(stage: str, root: Path, work: Path, parity_models) -> list[str]:
         return ["--config", f"configs/{stage}.yaml", *common, "--model.model_name_or_path", str(policy),
                 "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8",
                 "--model.max_new_tokens", "4", "--model.ppo_epochs", "1",
-                "--data.path", str(write_jsonl(work / "oasst1.jsonl", rows)), "--data.tokenizer_name_or_path", str(policy),
+                "--data.path", str(write_jsonl(work / "oasst1.jsonl", rows)),
                 "--data.num_train_prompts", "8", "--data.num_eval_prompts", "2", "--data.max_prompt_length", "32",
                 "--data.batch_size", "8", "--trainer.max_epochs", "1"]
     write_tiny_medmnist(work, "dermamnist", n_train=32)

@@ -102,7 +102,7 @@ def test_ppo_two_ranks_share_kl_coef_and_save_once(tmp_path, smol_tokenizer_dir,
         "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
         "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
         "--model.ppo_epochs", "2", "--model.kl_horizon_fraction", "0.5", "--data.path", str(data_root / "oasst1"),
-        "--data.tokenizer_name_or_path", str(policy), "--data.num_train_prompts", "32",
+        "--data.num_train_prompts", "32",
         "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48", "--data.batch_size", "8",
         "--trainer.max_epochs", "1",
     )  # fmt: skip
@@ -140,8 +140,7 @@ def test_ppo_nan_score_on_one_rank_stops_every_rank(tmp_path, smol_tokenizer_dir
         [sys.executable, str(script), "fit", "--config", "configs/ppo_full.yaml", *ddp(2),
          "--trainer.default_root_dir", str(tmp_path / "run"), "--model.model_name_or_path", str(policy),
          "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8", "--model.max_new_tokens", "4",
-         "--model.ppo_epochs", "1", "--data.path", str(data_root / "oasst1"), "--data.tokenizer_name_or_path",
-         str(policy), "--data.num_train_prompts", "16", "--data.num_eval_prompts", "8", "--data.max_prompt_length",
+         "--model.ppo_epochs", "1", "--data.path", str(data_root / "oasst1"), "--data.num_train_prompts", "16", "--data.num_eval_prompts", "8", "--data.max_prompt_length",
          "48", "--data.batch_size", "8", "--trainer.max_epochs", "1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -107,7 +107,7 @@ def test_online_rl_resume_continues_kl_controller_rollouts_and_data_order(method
                 "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
                 "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
                 "--model.kl_target", "0.05", "--model.kl_horizon_fraction", "0.5", *options,
-                "--data.path", str(data_root / "oasst1"), "--data.tokenizer_name_or_path", str(policy),
+                "--data.path", str(data_root / "oasst1"), 
                 "--data.num_train_prompts", "24", "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48",
                 "--data.batch_size", "8"]  # fmt: skip
 

@@ -7,7 +7,7 @@ humans (`rank` 0 = best), so each pair of ranked siblings is a real preference p
 
 from collections import Counter
 
-from lit_rlhf.data.files import read_local_tables
+from lit_rlhf.data.files import local_table_files, read_local_tables
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
@@ -16,23 +16,34 @@ _ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
 def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
-    """All message rows of the hub dataset (every split) or of a local JSONL/parquet file or folder."""
+    """All message rows of the hub dataset (every split) or of a local JSONL/parquet file or folder.
+
+    A folder's files are read one by one: oasst1 exports differ in which columns are all null
+    (the train sample drops user ids and labels), which one combined read cannot cast.
+    """
     from datasets import concatenate_datasets, load_dataset
 
     if is_local_path(path):
-        dataset = read_local_tables(path, "oasst1 path")["train"]
-    else:
-        try:
-            splits = load_dataset(path)
-        except (ConnectionError, OSError, ValueError) as error:
-            raise hub_unreachable(
-                "dataset",
-                path,
-                error,
-                "Pass a local copy of the message rows (.jsonl/.parquet), e.g. "
-                "$LIT_RLHF_DATA/oasst1/oasst1_validation_en.jsonl.",
-            ) from error
-        dataset = concatenate_datasets(list(splits.values()))
+        _, files = local_table_files(path, "oasst1 path")
+        what = "oasst1 path" if len(files) == 1 else f"oasst1 path '{path}': the file"
+        rows = []
+        for file in files:
+            rows += _checked_rows(read_local_tables(str(file), what)["train"], str(file))
+        return rows
+    try:
+        splits = load_dataset(path)
+    except (ConnectionError, OSError, ValueError) as error:
+        raise hub_unreachable(
+            "dataset",
+            path,
+            error,
+            "Pass a local copy of the message rows (.jsonl/.parquet), e.g. "
+            "$LIT_RLHF_DATA/oasst1/oasst1_validation_en.jsonl.",
+        ) from error
+    return _checked_rows(concatenate_datasets(list(splits.values())), path)
+
+
+def _checked_rows(dataset, path: str) -> list[dict]:
     missing = [field for field in OASST1_FIELDS if field not in dataset.column_names]
     if missing:
         raise UserInputError(

@@ -14,7 +14,8 @@ from lit_rlhf.artifacts import EVAL_PROMPTS, reward_model_seen
 from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.data.oasst1 import conversation, read_oasst1_rows
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.models.hf import DEFAULT_MODEL, chat_prompt_ids, load_tokenizer
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
+from lit_rlhf.text import chat_prompt_ids
 
 
 

@@ -2,7 +2,8 @@
 `prompt, chosen, rejected` files (e.g. oasst1 pairs from scripts/oasst1_to_pairs.py).
 
 Every pair is rendered through the tokenizer's chat template (prompt = user turn(s), response =
-assistant turn) exactly as the reward model, PPO and evaluation score text (`encode_prompt_response`).
+assistant turn) exactly as the reward model, PPO and evaluation score text
+(`lit_rlhf.text.encode_prompt_response`).
 """
 
 import math
@@ -22,7 +23,8 @@ from lit_rlhf.data.files import read_local_tables
 from lit_rlhf.data.loaders import EpochShuffle, resumable_loader
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
-from lit_rlhf.logging import log_table, markdown_table, run_dir
+from lit_rlhf.tables import log_table, markdown_table, run_dir
+from lit_rlhf.text import encode_prompt_response, pad_sequences
 
 SHP_HUB_ID = "stanfordnlp/SHP"
 SHP_FIELDS = (
@@ -124,64 +126,7 @@ def normalise(dataset, path: str, margin_from_score_ratio: float = 0.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat-template encoding with left truncation of the prompt
-
-
-def as_messages(prompt) -> list[dict]:
-    """A prompt string is one user turn; a list of {role, content} is a conversation so far."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
-def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
-    """(prompt text up to the assistant header, response text with its end-of-turn tokens)."""
-    messages = as_messages(prompt)
-    if tokenizer.chat_template is None:
-        raise UserInputError(
-            f"The tokenizer '{tokenizer.name_or_path}' has no chat template, so prompts and responses "
-            "cannot be rendered as user/assistant turns. Use an instruct model (e.g. SmolLM2-Instruct)."
-        )
-    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(head):
-        raise UserInputError(
-            f"The chat template of '{tokenizer.name_or_path}' does not render the prompt as a prefix of "
-            "prompt + response, so the response cannot be kept whole while truncating the prompt."
-        )
-    return head, full[len(head) :]
-
-
-def encode_prompt_response(
-    tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64
-) -> tuple[list[int], dict]:
-    """Token ids of prompt + response through the chat template, at most `max_length` long.
-
-    The response keeps its start: it is cut at its end only when it would leave fewer than
-    `min_prompt_tokens` for the prompt. The prompt is then cut from the *left* (system header and
-    older turns go first, the question's end and the assistant header stay). The second value
-    holds the cut flags, `prompt_tokens` (kept: the response starts there) and
-    `untruncated_tokens` (the length before any cut).
-    """
-    if not 0 <= min_prompt_tokens < max_length:
-        raise UserInputError(f"min_prompt_tokens ({min_prompt_tokens}) must be in [0, max_length {max_length}).")
-    head, tail = render_prompt_response(tokenizer, prompt, response)
-    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    untruncated = len(prompt_ids) + len(response_ids)
-    response_cut = len(response_ids) > max_length - min_prompt_tokens
-    response_ids = response_ids[: max_length - min_prompt_tokens]
-    budget = max_length - len(response_ids)
-    info = {
-        "prompt_cut": len(prompt_ids) > budget,
-        "prompt_over_max_length": len(prompt_ids) > max_length,
-        "response_cut": response_cut,
-        "untruncated_tokens": untruncated,
-    }
-    if info["prompt_cut"]:
-        prompt_ids = prompt_ids[len(prompt_ids) - budget :]
-    info["prompt_tokens"] = len(prompt_ids)
-    return prompt_ids + response_ids, info
+# Encoding pairs (the chat template and its truncation are `lit_rlhf.text`'s, shared with scoring)
 
 
 CUT_FLAGS = ("prompt_cut", "prompt_over_max_length", "response_cut")
@@ -217,12 +162,7 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     for intervals that resample a post's pairs together).
     """
     sequences = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
-    length = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id, side="right")
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -276,7 +216,7 @@ class PostGroupedShuffle(EpochShuffle):
 # The data module
 
 
-class SHPDataModule(LightningDataModule):
+class PreferenceDataModule(LightningDataModule):
     """Preference pairs for `RewardModel`: SHP (hub or local copy) or `prompt, chosen, rejected` files.
 
     The schema is detected from the columns: SHP's fields (`labels` = 1 means A preferred), or
@@ -350,7 +290,7 @@ class SHPDataModule(LightningDataModule):
                 self.tokenizer = getattr(module, "tokenizer", None)
                 if self.tokenizer is None:
                     raise UserInputError(
-                        "SHPDataModule needs a tokenizer: set data.tokenizer_name_or_path or use it with "
+                        "PreferenceDataModule needs a tokenizer: set data.tokenizer_name_or_path or use it with "
                         "a model that has a `tokenizer` (RewardModel)."
                     )
         return self.tokenizer
@@ -552,6 +492,11 @@ class SHPDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+# The class was first written for SHP only; the old name keeps older configs, checkpoints and
+# scripts (class_path lit_rlhf.data.preference.SHPDataModule) loading.
+SHPDataModule = PreferenceDataModule
 
 
 def _nan_to(value: float, default: float) -> float:

@@ -30,9 +30,9 @@ from lit_rlhf.eval.gan_metrics import (
     fd_trend,
     nearest_neighbour,
 )
-from lit_rlhf.logging import markdown_table
 from lit_rlhf.modules.dcgan import DCGAN, image_grid, plot_domain_fd_curve
 from lit_rlhf.modules.medmnist_classifier import load_classifier
+from lit_rlhf.tables import markdown_table
 
 
 def run_root(ckpt: Path) -> Path:

@@ -4,7 +4,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from lit_rlhf.models.hf import chat_prompt_ids
+from lit_rlhf.text import chat_prompt_ids, pad_sequences
 
 
 @torch.no_grad()
@@ -38,9 +38,8 @@ def generate_responses(
     texts, token_ids = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         ids = [chat_prompt_ids(tokenizer, p, max_prompt_length)[0] for p in prompts[start : start + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        input_ids, attention = pad_sequences(ids, tokenizer.pad_token_id, side="left", device=device)
+        width = input_ids.size(1)
         out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
@@ -70,11 +69,8 @@ def response_logprobs(
     for start in range(0, len(prompts), batch_size):
         pairs = [(chat_prompt_ids(tokenizer, p, max_prompt_length)[0], list(r))
                  for p, r in zip(prompts[start : start + batch_size], token_ids[start : start + batch_size])]
-        width = max(len(q) + len(r) for q, r in pairs)
         longest = max(max(len(r) for _, r in pairs), 1)
-        ids = torch.tensor([[pad] * (width - len(q) - len(r)) + q + r for q, r in pairs], device=device)
-        attention = torch.tensor([[0] * (width - len(q) - len(r)) + [1] * (len(q) + len(r)) for q, r in pairs],
-                                 device=device)  # fmt: skip
+        ids, attention = pad_sequences([q + r for q, r in pairs], pad, side="left", device=device)
         logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
                        use_cache=False, logits_to_keep=longest + 1).logits[:, :-1]  # fmt: skip
         logp = torch.log_softmax(logits.float() / scale, dim=-1).gather(2, ids[:, -longest:].unsqueeze(-1)).squeeze(-1)

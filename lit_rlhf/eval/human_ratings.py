@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from lit_rlhf.errors import UserInputError, as_paragraph
-from lit_rlhf.logging import markdown_table
+from lit_rlhf.tables import markdown_table
 
 CRITERIA = ("Coherence", "Relevance", "Helpfulness", "Completeness", "Hallucination/toxicity")
 GENERATIONS_FILE = "human_eval_generations.json"

@@ -8,7 +8,7 @@ from lit_rlhf.eval import human_ratings
 from lit_rlhf.eval.kl_monitor import plot_kl
 from lit_rlhf.eval.rlhf import BASE, EvalResult, Judge
 from lit_rlhf.eval.stats import Interval
-from lit_rlhf.logging import markdown_table
+from lit_rlhf.tables import markdown_table
 
 
 def _interval(entry: dict, key: str) -> str:

@@ -19,7 +19,7 @@ import yaml
 
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.runs import latest_version, read_metrics
-from lit_rlhf.logging import markdown_table
+from lit_rlhf.tables import markdown_table
 
 COLUMNS = ["Method", "Final_Train_Loss", "Val_Loss", "Perplexity", "BLEU", "Keyword_Rate", "Notes"]
 

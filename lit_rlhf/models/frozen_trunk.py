@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from lit_rlhf.errors import reason
+from lit_rlhf.text import pad_sequences
 
 _PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
@@ -223,7 +224,8 @@ class FrozenTrunkCache:
         blocks = self.backbone.layers[: self.n_frozen]
         if len(prompt) == 0:
             keys, rows = list(replies), list(replies.values())
-            input_ids, attention_mask = _right_pad(rows, device)
+            # pad id 0: the padded columns are masked, and cut before anything is stored
+            input_ids, attention_mask = pad_sequences(rows, 0, side="right", device=device)
             self._compute(keys, input_ids, attention_mask)
             return
         cache = DynamicCache(config=self.backbone.config)
@@ -232,7 +234,7 @@ class FrozenTrunkCache:
             self.backbone, self.backbone.embed_tokens(prompt), torch.ones_like(prompt), blocks, cache
         )[0]
         cache.batch_repeat_interleave(len(replies))
-        input_ids, reply_mask = _right_pad(list(replies.values()), device)
+        input_ids, reply_mask = pad_sequences(list(replies.values()), 0, side="right", device=device)
         attention_mask = torch.cat([reply_mask.new_ones(len(replies), prompt.shape[1]), reply_mask], dim=1)
         hidden = run_blocks(self.backbone, self.backbone.embed_tokens(input_ids), attention_mask, blocks, cache)
         for row, (key, length) in enumerate(zip(replies, reply_mask.sum(-1).tolist())):
@@ -283,12 +285,3 @@ class FrozenTrunkCache:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         print(f"[lit_rlhf] frozen-trunk cache: {len(tensors)} sequences ({size / 2**30:.2f} GiB) written to "
               f"{self.path} ({self.computed} computed, {self.reused} reads from the cache so far)")  # fmt: skip
-
-
-def _right_pad(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
-    return input_ids, attention_mask

@@ -2,7 +2,7 @@
 
 import torch
 
-from lit_rlhf.data.preference import encode_prompt_response
+from lit_rlhf.text import encode_prompt_response, pad_sequences
 
 
 @torch.no_grad()
@@ -26,12 +26,7 @@ def score_responses(
             encode_prompt_response(tokenizer, p, r, max_length, min_prompt_tokens)[0]
             for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
         ]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention_mask[row, : len(seq)] = 1
-        out = reward_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        input_ids, attention_mask = pad_sequences(sequences, tokenizer.pad_token_id, side="right", device=device)
+        out = reward_model(input_ids=input_ids, attention_mask=attention_mask)
         scores.append(out.logits[:, 0].float())
     return torch.cat(scores)

@@ -18,9 +18,9 @@ from torchvision.utils import make_grid, save_image
 from lit_rlhf.data.medmnist import to_signed_unit
 from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.eval.gan_metrics import domain_fd_kid
-from lit_rlhf.logging import run_dir
 from lit_rlhf.models.dcgan import Discriminator, Generator
 from lit_rlhf.modules.medmnist_classifier import load_classifier
+from lit_rlhf.tables import run_dir
 
 GRID_COLUMNS, GRID_ROWS = 8, 4
 STATS = ("loss_d", "loss_g", "d_real", "d_fake")

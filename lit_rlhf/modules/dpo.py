@@ -1,6 +1,6 @@
 """DPO (or IPO) fine-tuning of a causal LM on preference pairs: offline, no reward model, no sampling.
 
-The pairs are the reward model's (`SHPDataModule`: prompt + response through the chat template,
+The pairs are the reward model's (`PreferenceDataModule`: prompt + response through the chat template,
 chosen rows then rejected rows in one right-padded batch); only response tokens are scored. One
 module, full or LoRA like PPO: `lora: null` trains every weight against a frozen copy; with `lora`
 set only the adapters train and the reference is the same network with its adapters disabled.

@@ -25,7 +25,6 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lit_rlhf.artifacts import POLICY, POLICY_ADAPTER, reward_model_scoring, save_folder_atomically
 from lit_rlhf.errors import NonFiniteError
-from lit_rlhf.logging import log_table
 from lit_rlhf.models.hf import load_causal_lm, load_sequence_scorer, load_tokenizer
 from lit_rlhf.models.scoring import score_responses
 from lit_rlhf.rl.ppo import (
@@ -37,6 +36,8 @@ from lit_rlhf.rl.ppo import (
     logprobs_from_logits,
     masked_mean,
 )
+from lit_rlhf.tables import log_table
+from lit_rlhf.text import pad_sequences
 
 
 @dataclass
@@ -197,13 +198,6 @@ class OnlineRLModule(LightningModule):
         )
 
     # ---------------------------------------------------------------- sampling
-    def _left_pad(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids in id_lists)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in id_lists], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in id_lists], device=self.device)
-        return ids, mask
-
     def _response_mask(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, has_eos): mask is 1 up to and including the first EOS. Pad may equal EOS (SmolLM2),
         so padding is found by position, not by token id."""
@@ -261,7 +255,8 @@ class OnlineRLModule(LightningModule):
         # longest prompts first (stable: a prompt's copies stay together), so generation chunks pad little
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         prompts = [texts[i] for i in order]
-        queries, query_mask = self._left_pad([ids[i] for i in order])
+        queries, query_mask = pad_sequences([ids[i] for i in order], self.tokenizer.pad_token_id, side="left",
+                                            device=self.device)  # fmt: skip
         generation = self.generation_config()
         self.policy.eval()
         responses, logprobs, entropy = [], [], []

@@ -25,7 +25,6 @@ from torchmetrics.classification import BinaryAccuracy
 
 from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
-from lit_rlhf.logging import log_table, markdown_table, run_dir
 from lit_rlhf.models.frozen_trunk import (
     FrozenTrunkCache,
     last_token_index,
@@ -37,6 +36,7 @@ from lit_rlhf.models.frozen_trunk import (
     unsupported_reason,
 )
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.tables import log_table, markdown_table, run_dir
 
 # test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
 METHODS = (("accuracy", "reward model"), ("baseline_longer_reply", "longer reply wins (characters)"),

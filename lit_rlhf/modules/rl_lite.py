@@ -7,7 +7,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from pydantic import PositiveInt
 
 from lit_rlhf.errors import UserInputError, require_finite
-from lit_rlhf.logging import log_table
 from lit_rlhf.modules.tinygpt import TinyGPTModule
 from lit_rlhf.rl.reinforce import (
     keyword_length_reward,
@@ -16,6 +15,7 @@ from lit_rlhf.rl.reinforce import (
     token_statistics,
     update_baseline,
 )
+from lit_rlhf.tables import log_table
 
 
 def distinct_char_fraction(text: str) -> float:

@@ -8,8 +8,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from lit_rlhf.data.sft_chars import SFTExample
-from lit_rlhf.logging import log_table
 from lit_rlhf.modules.tinygpt import TinyGPTModule
+from lit_rlhf.tables import log_table
 
 
 def answer_metrics(prefix: str = "val/") -> MetricCollection:

@@ -62,6 +62,18 @@ def test_real_oasst1_rows(data_root):
     assert all(rank[p["chosen"]] < rank[p["rejected"]] for p in pairs[:50])
 
 
+def test_a_folder_of_both_real_oasst1_files_is_read_file_by_file(data_root, tmp_path):
+    """The validation file and the train sample differ in all-null columns: one combined read fails."""
+    folder = tmp_path / "oasst1_both"
+    folder.mkdir()
+    for file in ("oasst1/oasst1_validation_en.jsonl", "oasst1_train_sample/oasst1_train_en_sample.jsonl"):
+        (folder / Path(file).name).symlink_to(data_root / file)
+    rows = read_oasst1_rows(str(folder))
+    assert len(rows) == 1588 + 1060
+    assert len({row["message_tree_id"] for row in rows}) == 153 + 88
+    assert sum(row["parent_id"] is None for row in rows) == 150 + 88  # 3 validation roots are not English
+
+
 def test_script_writes_disjoint_seeded_splits(tmp_path, monkeypatch, capsys):
     trees = [
         dict(r, message_tree_id=f"t{k}", message_id=f"{r['message_id']}{k}", parent_id=r["parent_id"] and f"{r['parent_id']}{k}")

@@ -11,7 +11,8 @@ from lit_rlhf.artifacts import REWARD_MODEL_INFO
 from lit_rlhf.cli import LitRLHFCLI
 from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule, read_eval_prompts, split_prompts
-from lit_rlhf.models.hf import chat_prompt_ids, load_tokenizer
+from lit_rlhf.models.hf import load_tokenizer
+from lit_rlhf.text import chat_prompt_ids
 from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def test_cli_links_the_reward_model_path_into_the_prompt_data(data_root, tmp_pat
         "--config", str(REPO / "configs/ppo_lora.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.logger", "false", "--model.model_name_or_path", str(policy),
         "--model.reward_model_path", str(reward),
-        "--data.path", str(data_root / VALIDATION), "--data.tokenizer_name_or_path", str(policy),
+        "--data.path", str(data_root / VALIDATION), 
         "--data.num_eval_prompts", "40",
     ], run=False)
     assert cli.datamodule.hparams.reward_model_path == str(reward)

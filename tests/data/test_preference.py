@@ -1,4 +1,4 @@
-"""SHPDataModule: SHP schema and generic pairs, splits, filters, chat-template truncation, preview."""
+"""PreferenceDataModule: SHP schema and generic pairs, splits, filters, chat-template truncation, preview."""
 
 import json
 
@@ -7,9 +7,10 @@ import pytest
 from lightning.pytorch import Trainer
 from preference_fixtures import make_shp_folder, separable_pairs, shp_row, shp_rows, write_jsonl
 
-from lit_rlhf.data.preference import CUT_FLAGS, SHPDataModule, encode_prompt_response, render_prompt_response
+from lit_rlhf.data.preference import CUT_FLAGS, PreferenceDataModule
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import load_tokenizer
+from lit_rlhf.text import encode_prompt_response, render_prompt_response
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +18,9 @@ def tokenizer(smol_tokenizer_dir):
     return load_tokenizer(str(smol_tokenizer_dir))
 
 
-def datamodule(path, smol_tokenizer_dir, **kwargs) -> SHPDataModule:
+def datamodule(path, smol_tokenizer_dir, **kwargs) -> PreferenceDataModule:
     kwargs.setdefault("min_score_ratio", None)
-    return SHPDataModule(str(path), tokenizer_name_or_path=str(smol_tokenizer_dir), **kwargs)
+    return PreferenceDataModule(str(path), tokenizer_name_or_path=str(smol_tokenizer_dir), **kwargs)
 
 
 def decoded(dm, split, key="chosen_ids"):

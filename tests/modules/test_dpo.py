@@ -12,7 +12,7 @@ from preference_fixtures import separable_pairs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.cli import main
-from lit_rlhf.data.preference import SHPDataModule
+from lit_rlhf.data.preference import PreferenceDataModule
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.eval.rlhf import load_lora_policy
 from lit_rlhf.modules.dpo import DPOModule
@@ -46,8 +46,8 @@ def mixed_batch(tmp_path_factory, tiny_llama_dir):
         {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "A fruit is a thing that grows on trees, mostly."},
     ]
     write_jsonl(root / "validation.jsonl", pairs)
-    data = SHPDataModule(str(root), tokenizer_name_or_path=str(tiny_llama_dir), max_length=64, min_prompt_tokens=16,
-                         min_score_ratio=None, batch_size=3)  # fmt: skip
+    data = PreferenceDataModule(str(root), tokenizer_name_or_path=str(tiny_llama_dir), max_length=64,
+                                min_prompt_tokens=16, min_score_ratio=None, batch_size=3)  # fmt: skip
     data.prepare(("validation",))
     batch = next(iter(data.val_dataloader()))
     assert len(set(batch["prompt_tokens"].tolist())) == 3 and (batch["attention_mask"] == 0).any()
@@ -195,7 +195,7 @@ def test_configs_stack_through_the_cli(capsys):
 
     full = printed(CONFIG)
     assert "lit_rlhf.modules.dpo.DPOModule" in full and "lora: null" in full and "lr: 5.0e-07" in full
-    assert "beta: 0.1" in full and "SHPDataModule" in full and "precision: 32-true" in full
+    assert "beta: 0.1" in full and "PreferenceDataModule" in full and "precision: 32-true" in full
     lora = printed(CONFIG, LORA)
     assert "default_root_dir: runs/dpo_lora" in lora and "r: 8" in lora and "lr: 5.0e-05" in lora
     assert "fused: true" in lora  # the override changes lr only

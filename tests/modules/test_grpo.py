@@ -35,7 +35,6 @@ def run(configs: list[str], root: Path, policy: Path, reward: Path, data_root: P
         "--model.num_generations", "4",
         "--model.num_iterations", "2",
         "--data.path", str(data_root / "oasst1"),
-        "--data.tokenizer_name_or_path", str(policy),
         "--data.num_train_prompts", "16",
         "--data.num_eval_prompts", "8",
         "--data.max_prompt_length", "48",

@@ -39,7 +39,6 @@ def run_ppo(config: str, root: Path, policy: Path, reward: Path, data_root: Path
         "--model.policy_optimizer.init_args.lr", "1e-2",
         "--model.value_optimizer.init_args.lr", "1e-3",
         "--data.path", str(data_root / "oasst1"),
-        "--data.tokenizer_name_or_path", str(policy),
         "--data.num_train_prompts", "16",
         "--data.num_eval_prompts", "8",
         "--data.max_prompt_length", "48",

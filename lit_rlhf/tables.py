@@ -1,4 +1,7 @@
-"""Tables of text (samples, previews) to the console, every W&B logger, and a file in the run folder."""
+"""Tables of text (samples, previews) to the console, every W&B logger, and a file in the run folder.
+
+(Formerly `lit_rlhf/logging.py`: renamed for what it does, and so as not to shadow the stdlib `logging`.)
+"""
 
 import json
 from pathlib import Path
