@@ -105,7 +105,7 @@ def run_lit(spec: dict) -> dict:
         module = GRPOModule(**common, loss_type=spec["loss_type"], scale_rewards=spec["scale_rewards"])
     else:
         module = RLOOModule(**common, kl_in="reward", normalize_advantages=False)
-    module.on_train_end = lambda: None  # no policy export at the end (TRL's side saves nothing either)
+    module.configure_callbacks = lambda: []  # no policy export at the end (TRL's side saves nothing either)
     clock = Clock("lit_rlhf", spec)
     # the rollout is these three calls (training_step's no-grad block), then the update
     clock.wrap(module, "sample", "generate")

@@ -54,3 +54,15 @@ def save_folder_atomically(folder: Path, save: Callable[[Path], None]) -> None:
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_policy(policy, tokenizer, root: Path, lora: bool) -> Path:
+    """A trained policy -> `<root>/policy` (HF folder), or `<root>/policy_adapter` (peft folder) for LoRA."""
+    folder = Path(root) / (POLICY_ADAPTER if lora else POLICY)
+
+    def save(staging: Path) -> None:
+        policy.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    save_folder_atomically(folder, save)
+    return folder

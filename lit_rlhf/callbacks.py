@@ -1,8 +1,10 @@
-"""Callbacks every `python -m lit_rlhf` run gets (added by the CLI, see `lit_rlhf.cli`)."""
+"""Callbacks every `python -m lit_rlhf` run gets (added by the CLI, see `lit_rlhf.cli`), and the
+export callback the RLHF modules add themselves (`configure_callbacks`)."""
 
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,6 +12,8 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import RichProgressBar
+
+from lit_rlhf.artifacts import export_policy
 
 
 def _portable(states: dict) -> dict:
@@ -172,3 +176,29 @@ class StepsProgressBar(RichProgressBar):
             style = self.theme.description
             description = f"[{style}]{description}" if style else description
             self.progress.update(self.train_progress_bar_id, description=description)
+
+
+
+class ExportPolicy(Callback):
+    """When `fit` ends, the module's final policy -> `<default_root_dir>/policy` (HF folder) or
+    `policy_adapter` (peft folder, `lora` modules): PPO, GRPO, RLOO and DPO add it themselves."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            lora = bool(pl_module.hparams.lora)
+            folder = export_policy(pl_module.policy, pl_module.tokenizer, Path(trainer.default_root_dir), lora)
+            print(f"[lit_rlhf] exported the trained {type(pl_module).__name__} policy to {folder}")
+        trainer.strategy.barrier()
+
+
+class ExportBest(Callback):
+    """When `fit` ends, `pl_module.export_run(best)`: `best` is the ModelCheckpoint monitoring
+    `monitor` that holds a best model, or None (then the module exports its final weights)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        best = next((cb for cb in trainer.checkpoint_callbacks
+                     if getattr(cb, "monitor", None) == self.monitor and cb.best_model_path), None)  # fmt: skip
+        pl_module.export_run(best)

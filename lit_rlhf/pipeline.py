@@ -115,8 +115,9 @@ def plan(args: argparse.Namespace) -> list[Stage]:
                                    "--model.model_name_or_path", model, *data,
                                    "--trainer.default_root_dir", str(folder)],
                             folder, folder / export / ("adapter_config.json" if export == POLICY_ADAPTER else "config.json")))  # fmt: skip
-    selected = [name for name in args.stages if name in POLICIES]
-    policies = {NAMES[name]: str(root / name) for name in selected}
+    # every policy of this invocation and every one an earlier invocation finished under --root
+    policies = {NAMES[s.name]: str(s.folder) for s in stages
+                if s.name in POLICIES and (s.name in args.stages or s.output.exists())}  # fmt: skip
     note = f"pipeline setting '{args.setting}', prompts and pairs from {prompt_data}" + (
         f", training reward model on {preference}" if args.preference_data or setting.get("preference_data") else "")
     stages.append(Stage("evaluation", ["lit_rlhf.evaluate", "--config", str(CONFIGS / "evaluate.yaml"),

@@ -53,6 +53,18 @@ def test_stages_feed_each_other_by_path_and_stack_the_setting_overrides(tmp_path
     assert policies == {"PPO (full)": str(tmp_path / "ppo_full"), "PPO (LoRA)": str(tmp_path / "ppo_lora")}
 
 
+def test_evaluation_also_compares_the_policies_an_earlier_invocation_finished(tmp_path):
+    """`--stages grpo,evaluation` after the default run: one report with PPO and GRPO (PPO LoRA unfinished)."""
+    (tmp_path / "ppo_full" / "policy").mkdir(parents=True)
+    (tmp_path / "ppo_full" / "policy" / "config.json").write_text("{}")
+    (tmp_path / "ppo_lora" / "policy_adapter").mkdir(parents=True)  # interrupted: no adapter_config.json
+    _, namespace = args(tmp_path)
+    namespace.stages = ["grpo", "evaluation"]
+    stages = {s.name: s for s in pipeline.plan(namespace)}
+    policies = json.loads(stages["evaluation"].command[stages["evaluation"].command.index("--policies") + 1])
+    assert policies == {"PPO (full)": str(tmp_path / "ppo_full"), "GRPO": str(tmp_path / "grpo")}
+
+
 def test_a_stage_is_skipped_only_when_done_with_the_same_command(tmp_path, capsys):
     ran = []
 

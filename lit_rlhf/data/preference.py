@@ -150,7 +150,7 @@ def _encode_row(row: dict, tokenizer, max_length: int, min_prompt_tokens: int) -
     }
 
 
-LOADER_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "score_ratio", "domain_id", "post_index",
+LOADER_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "score_ratio", "domain", "domain_id", "post_index",
                   "chosen_prompt_tokens", "rejected_prompt_tokens", "chosen_chars", "rejected_chars"]  # fmt: skip
 
 
@@ -159,7 +159,8 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
 
     Per row (chosen rows first): `prompt_tokens` (where the response starts) and `response_chars`
     (the untruncated reply's characters); per pair: `post_index` (the pair's post within its split,
-    for intervals that resample a post's pairs together).
+    for intervals that resample a post's pairs together) and `domain` (its name, "" if none) with
+    `domain_id` (its index).
     """
     sequences = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
     input_ids, attention_mask = pad_sequences(sequences, pad_token_id, side="right")
@@ -169,6 +170,7 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
         "weight": torch.tensor([item["weight"] for item in items], dtype=torch.float32),
         "score_ratio": torch.tensor([item["score_ratio"] for item in items], dtype=torch.float32),
+        "domain": [item["domain"] for item in items],
         "domain_id": torch.tensor([item["domain_id"] for item in items], dtype=torch.long),
         "post_index": torch.tensor([item["post_index"] for item in items], dtype=torch.long),
         "prompt_tokens": torch.tensor(

@@ -13,13 +13,12 @@ log-probs at step 0 would differ from the reference's and the implicit rewards w
 """
 
 from dataclasses import asdict, is_dataclass
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
-from lit_rlhf.artifacts import save_folder_atomically
+from lit_rlhf.callbacks import ExportPolicy
 from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
 from lit_rlhf.modules.online import LoraSettings, policy_and_reference
@@ -141,18 +140,5 @@ class DPOModule(LightningModule):
         if lora is not None and not isinstance(lora, dict):
             checkpoint["hyper_parameters"]["lora"] = asdict(lora) if is_dataclass(lora) else lora.as_dict()
 
-    def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            self.export(Path(self.trainer.default_root_dir))
-
-    def export(self, root: Path) -> Path:
-        """Full variant -> `<root>/policy` (HF folder); LoRA -> `<root>/policy_adapter` (peft folder)."""
-        folder = root / ("policy_adapter" if self.hparams.lora else "policy")
-
-        def save(staging: Path) -> None:
-            self.policy.save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-
-        save_folder_atomically(folder, save)
-        print(f"[lit_rlhf] exported the DPO policy to {folder}")
-        return folder
+    def configure_callbacks(self):
+        return [ExportPolicy()]

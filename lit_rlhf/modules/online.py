@@ -16,14 +16,14 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from lit_rlhf.artifacts import POLICY, POLICY_ADAPTER, reward_model_scoring, save_folder_atomically
+from lit_rlhf.artifacts import reward_model_scoring
+from lit_rlhf.callbacks import ExportPolicy
 from lit_rlhf.errors import NonFiniteError
 from lit_rlhf.models.hf import load_causal_lm, load_sequence_scorer, load_tokenizer
 from lit_rlhf.models.scoring import score_responses
@@ -418,18 +418,5 @@ class OnlineRLModule(LightningModule):
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
 
-    def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            self.export(Path(self.trainer.default_root_dir))
-
-    def export(self, root: Path) -> Path:
-        """Full variant -> `<root>/policy` (HF folder); LoRA -> `<root>/policy_adapter` (peft folder)."""
-        folder = root / (POLICY_ADAPTER if self.hparams.lora else POLICY)
-
-        def save(staging: Path) -> None:
-            self.policy.save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-
-        save_folder_atomically(folder, save)
-        print(f"[lit_rlhf] exported the trained policy to {folder}")
-        return folder
+    def configure_callbacks(self):
+        return [ExportPolicy()]

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from scipy.stats import bootstrap
@@ -24,6 +23,7 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
+from lit_rlhf.callbacks import ExportBest
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
 from lit_rlhf.models.frozen_trunk import (
     FrozenTrunkCache,
@@ -209,6 +209,7 @@ class RewardModel(LightningModule):
         self.test_correct, self.test_score_ratio, self.test_domain_id = (
             CatMetric(), CatMetric(nan_strategy="disable"), CatMetric()
         )
+        self.domain_names: dict[int, str] = {}  # domain_id -> name, as the test batches carry them
         # per test pair: the baselines' verdicts (ties count one half), chosen minus rejected characters, its post
         self.test_length_correct, self.test_logprob_correct = CatMetric(), CatMetric()
         self.test_chars_diff, self.test_post_index = CatMetric(), CatMetric()
@@ -361,6 +362,7 @@ class RewardModel(LightningModule):
         self.test_correct.update((diff > 0).float())
         self.test_score_ratio.update(batch["score_ratio"])
         self.test_domain_id.update(batch["domain_id"].float())
+        self.domain_names.update(zip(batch["domain_id"].tolist(), batch["domain"]))
         self.test_post_index.update(batch["post_index"].float())
         chars_chosen, chars_rejected = batch["response_chars"].chunk(2)
         self.test_chars_diff.update((chars_chosen - chars_rejected).float())
@@ -386,6 +388,7 @@ class RewardModel(LightningModule):
                        self.test_score_ratio, self.test_domain_id, self.test_length_correct,
                        self.test_logprob_correct, self.test_chars_diff, self.test_post_index):  # fmt: skip
             metric.reset()
+        self.domain_names.clear()
 
     def _accuracy_report(self, correct: torch.Tensor) -> dict[str, float]:
         """Accuracy of the reward model and of both baselines, on all pairs and on the pairs whose chosen
@@ -435,10 +438,9 @@ class RewardModel(LightningModule):
                 mask = buckets == index
                 if mask.any():
                     groups[f"ratio_{name}"] = (int(mask.sum()), correct[known][mask].mean())
-        domains = getattr(self.trainer.datamodule, "domains", []) if self.trainer.datamodule else []
-        for index, name in enumerate(domains):
+        for index, name in sorted(self.domain_names.items()):
             mask = domain_id == index
-            if mask.any():
+            if index >= 0 and mask.any():
                 groups[f"domain_{name}"] = (int(mask.sum()), correct[mask].mean())
         return groups
 
@@ -447,13 +449,11 @@ class RewardModel(LightningModule):
 
     # -- export -------------------------------------------------------------------------------
 
-    def on_fit_end(self) -> None:
-        """Load the best `val/loss` checkpoint and export it as the frozen reward model folder."""
-        best = next(
-            (cb for cb in self.trainer.checkpoint_callbacks
-             if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss" and cb.best_model_path),
-            None,
-        )  # fmt: skip
+    def configure_callbacks(self):
+        return [ExportBest(monitor="val/loss")]
+
+    def export_run(self, best=None) -> None:
+        """The best `val/loss` checkpoint (`best`, else the final weights) as the frozen reward model folder."""
         source = self.hparams.model_name_or_path
         base = reward_model_info(source).get("base_model", source)
         info = {"source": source, "base_model": base, "global_step": self.global_step}
