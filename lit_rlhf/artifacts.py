@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,14 +40,17 @@ def reward_model_seen(folder: str | Path) -> dict[str, set[str]]:
     return {key: set(seen.get(key, [])) for key in ("message_tree_ids", "post_ids")}
 
 
-def save_folder_atomically(folder: Path, save: Callable[[Path], None]) -> None:
+def save_folder_atomically(folder: Path, save: Callable[[Path], None], keep_existing: bool = False) -> None:
     """`save(staging)` writes a folder next to its destination, which then replaces the old one by a
-    rename: a crash leaves the previous folder or none, never a half-written one."""
+    rename: a crash leaves the previous folder or none, never a half-written one. `keep_existing`: a
+    folder another process finished meanwhile stays (a cache two runs may fill at once)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; other runs and users read the export
     try:
         save(staging)
+        if folder.exists() and keep_existing:
+            return
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
             os.replace(folder, old / folder.name)
@@ -55,6 +59,19 @@ def save_folder_atomically(folder: Path, save: Callable[[Path], None]) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
+
+
+def save_file_atomically(file: str | Path, save: Callable[[Path], None]) -> None:
+    """`save(temporary)` writes a file beside `file` (same filesystem), renamed onto it once complete:
+    a crash or an error leaves the previous file or none, never a half-written one."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = file.with_name(f".{file.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        save(temporary)
+        os.replace(temporary, file)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 def export_policy(policy, tokenizer, root: Path, lora: bool) -> Path:
     """A trained policy -> `<root>/policy` (HF folder), or `<root>/policy_adapter` (peft folder) for LoRA."""

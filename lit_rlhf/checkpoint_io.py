@@ -1,13 +1,14 @@
 """Checkpoint writing that does not hold a second copy of the checkpoint in memory."""
 
 import os
-import uuid
 from typing import Any
 
 import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lit_rlhf.artifacts import save_file_atomically
 
 
 class StreamingCheckpointIO(TorchCheckpointIO):
@@ -24,16 +25,11 @@ class StreamingCheckpointIO(TorchCheckpointIO):
         fs, target = url_to_fs(str(path))
         if storage_options is not None or not isinstance(fs, LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        folder, name = os.path.split(target)
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")  # same filesystem: the rename is atomic
-        try:
+
+        def save(temporary) -> None:
             with open(temporary, "xb") as f:  # not mkstemp: keep the umask's permissions, as Lightning's files have
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+
+        save_file_atomically(target, save)

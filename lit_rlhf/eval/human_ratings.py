@@ -15,11 +15,11 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
+from lit_rlhf.artifacts import save_file_atomically
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.tables import markdown_table
 
@@ -73,13 +73,15 @@ def rating_order(generations: dict[str, list[dict]], seed: int = 0) -> list[tupl
 
 def _save(file: Path, generations: dict, ratings: dict) -> None:
     """Rewrite the ratings file with the current ratings only (stale ones cleared), atomically."""
-    temporary = file.with_name(f".{file.name}.tmp")
-    with temporary.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for (model, number, criterion), value in ratings.items():
-            writer.writerow([model, number, criterion, value, text_hash(generations[model][number - 1])])
-    os.replace(temporary, file)
+
+    def save(temporary: Path) -> None:
+        with temporary.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            for (model, number, criterion), value in ratings.items():
+                writer.writerow([model, number, criterion, value, text_hash(generations[model][number - 1])])
+
+    save_file_atomically(file, save)
 
 
 def rate(eval_dir: Path, stdin=sys.stdin, stdout=sys.stdout, seed: int = 0) -> int:

@@ -9,7 +9,6 @@ model's own forward would (Llama-style decoders: `embed_tokens`, `layers`, `norm
 """
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from lit_rlhf.artifacts import save_file_atomically
 from lit_rlhf.errors import reason
 from lit_rlhf.text import pad_sequences
 
@@ -271,13 +271,9 @@ class FrozenTrunkCache:
         if self.path is None or not self.dirty:
             return
         tensors = {key: self._get(key) for key in self.stored_keys | set(self.entries)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            save_file(tensors, str(staging), metadata=self.description)
-            os.replace(staging, self.path)
+            save_file_atomically(self.path, lambda temporary: save_file(tensors, str(temporary), metadata=self.description))
         except OSError as error:  # a full disk, a read-only folder: the run goes on without a file
-            staging.unlink(missing_ok=True)
             print(f"[lit_rlhf] could not write the frozen-trunk cache {self.path} ({reason(error)}); "
                   "training goes on, a later run builds it again")  # fmt: skip
             return

@@ -10,8 +10,6 @@
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_rlhf.artifacts import save_folder_atomically
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, reason, require_existing
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -64,15 +63,12 @@ def embedded_smollm2_folder() -> Path:
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".SmolLM2-", dir=folder.parent))
-    try:
+
+    def save(staging: Path) -> None:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if not folder.exists():
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    save_folder_atomically(folder, save, keep_existing=True)  # another process may have converted it meanwhile
     return folder
 
 
