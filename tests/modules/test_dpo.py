@@ -199,6 +199,8 @@ def test_configs_stack_through_the_cli(capsys):
     lora = printed(CONFIG, LORA)
     assert "default_root_dir: runs/dpo_lora" in lora and "r: 8" in lora and "lr: 5.0e-05" in lora
     assert "fused: true" in lora  # the override changes lr only
-    cpu = printed(CONFIG, LORA, CPU)
-    assert "model_name_or_path: embedded:smollm2" in cpu and "max_length: 384" in cpu and "batch_size: 4" in cpu
-    assert "max_epochs: 1" in cpu and "r: 8" in cpu and "lr: 5.0e-05" in cpu
+    cpu = printed(CONFIG, CPU)
+    assert "model_name_or_path: embedded:smollm2" in cpu and "max_length: 320" in cpu and "batch_size: 4" in cpu
+    assert "max_epochs: 1" in cpu and "lora: null" in cpu and "lr: 5.0e-06" in cpu
+    cpu_lora = printed(CONFIG, CPU, LORA)  # LoRA stacked last keeps its own learning rate
+    assert "max_length: 320" in cpu_lora and "r: 8" in cpu_lora and "lr: 5.0e-05" in cpu_lora
