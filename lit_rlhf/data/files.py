@@ -1,6 +1,7 @@
-"""Local table files (JSON / JSONL / parquet) as `datasets.load_dataset` reads them: the one reader
-of every local oasst1, preference and pairs source, so an empty, truncated or corrupt file is named
-(with its line, for JSON) instead of surfacing as a `datasets` traceback."""
+"""Data sources as `datasets.load_dataset` reads them. Local table files (JSON / JSONL / parquet):
+the one reader of every local oasst1, preference and pairs source, so an empty, truncated or corrupt
+file is named (with its line, for JSON) instead of surfacing as a `datasets` traceback. Hub ids: one
+loader whose failure offline says which local copy to pass instead."""
 
 import bz2
 import gzip
@@ -9,12 +10,23 @@ import lzma
 from collections.abc import Callable
 from pathlib import Path
 
-from lit_rlhf.errors import UserInputError, reason, require_existing
+from lit_rlhf.errors import UserInputError, hub_unreachable, reason, require_existing
 
 TABLE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")  # JSON files `datasets` decompresses on the fly
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # .zst: not checked, `datasets` reports it
 _BROKEN = "truncated or corrupt (an interrupted download or copy): copy it again, fix it, or leave it out"
+
+
+def load_hub_dataset(hub_id: str, local_hint: str, name: str | None = None):
+    """`datasets.load_dataset(hub_id, name)`; offline without a cached copy, one paragraph ending in
+    `local_hint` (the local path to pass instead)."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(hub_id, name)
+    except (ConnectionError, OSError, ValueError) as error:
+        raise hub_unreachable("dataset", f"{hub_id}/{name}" if name else hub_id, error, local_hint) from error
 
 
 def table_format(file: Path) -> str | None:

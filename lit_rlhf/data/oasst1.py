@@ -7,8 +7,8 @@ humans (`rank` 0 = best), so each pair of ranked siblings is a real preference p
 
 from collections import Counter
 
-from lit_rlhf.data.files import local_table_files, read_local_tables
-from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
+from lit_rlhf.data.files import load_hub_dataset, local_table_files, read_local_tables
+from lit_rlhf.errors import UserInputError, is_local_path
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
 OASST1_FIELDS = ("message_id", "parent_id", "text", "role", "rank", "message_tree_id")
@@ -21,7 +21,7 @@ def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
     A folder's files are read one by one: oasst1 exports differ in which columns are all null
     (the train sample drops user ids and labels), which one combined read cannot cast.
     """
-    from datasets import concatenate_datasets, load_dataset
+    from datasets import concatenate_datasets
 
     if is_local_path(path):
         _, files = local_table_files(path, "oasst1 path")
@@ -30,16 +30,8 @@ def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
         for file in files:
             rows += _checked_rows(read_local_tables(str(file), what)["train"], str(file))
         return rows
-    try:
-        splits = load_dataset(path)
-    except (ConnectionError, OSError, ValueError) as error:
-        raise hub_unreachable(
-            "dataset",
-            path,
-            error,
-            "Pass a local copy of the message rows (.jsonl/.parquet), e.g. "
-            "$LIT_RLHF_DATA/oasst1/oasst1_validation_en.jsonl.",
-        ) from error
+    splits = load_hub_dataset(path, "Pass a local copy of the message rows (.jsonl/.parquet), e.g. "
+                              "$LIT_RLHF_DATA/oasst1/oasst1_validation_en.jsonl.")  # fmt: skip
     return _checked_rows(concatenate_datasets(list(splits.values())), path)
 
 

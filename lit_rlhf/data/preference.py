@@ -19,10 +19,10 @@ from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lit_rlhf.data.files import read_local_tables
+from lit_rlhf.data.files import load_hub_dataset, read_local_tables
 from lit_rlhf.data.loaders import EpochShuffle, resumable_loader
 from lit_rlhf.data.splits import assign_splits
-from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path
+from lit_rlhf.errors import UserInputError, is_local_path
 from lit_rlhf.tables import log_table, markdown_table, run_dir
 from lit_rlhf.text import encode_prompt_response, pad_sequences
 
@@ -55,20 +55,10 @@ def read_preference_source(path: str):
     Local split names come from the file names (`train.jsonl`, `askphysics/validation.json`, ...);
     files without one form the `train` pool, which is split by `post_id` later.
     """
-    from datasets import load_dataset
-
     if not is_local_path(path):
-        try:
-            return dict(load_dataset(path))
-        except (ConnectionError, OSError, ValueError) as error:
-            raise hub_unreachable(
-                "dataset",
-                path,
-                error,
-                "Pass a local copy with --data.path <file or folder> (JSON/JSONL/parquet with SHP's fields "
-                "or with prompt, chosen, rejected columns), e.g. oasst1 pairs written by "
-                "scripts/oasst1_to_pairs.py.",
-            ) from error
+        return dict(load_hub_dataset(
+            path, "Pass a local copy with --data.path <file or folder> (JSON/JSONL/parquet with SHP's fields or "
+            "with prompt, chosen, rejected columns), e.g. oasst1 pairs written by scripts/oasst1_to_pairs.py."))
     return read_local_tables(path, "data.path", split_of=lambda file: _split_of(file) or "train")
 
 

@@ -5,7 +5,8 @@ Returns `{split: text}` with split names `train`, `validation`, `test` (whatever
 
 from pathlib import Path
 
-from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, require_existing
+from lit_rlhf.data.files import load_hub_dataset
+from lit_rlhf.errors import UserInputError, is_local_path, require_existing
 
 PYDOC_TOPICS = "builtin:pydoc-topics"
 _SPLIT_ALIASES = {
@@ -60,18 +61,9 @@ def read_local(path: str) -> dict[str, str]:
 
 
 def read_hub(path: str, name: str | None) -> dict[str, str]:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(path, name)
-    except (ConnectionError, OSError, ValueError) as error:
-        raise hub_unreachable(
-            "dataset",
-            f"{path}/{name}" if name else path,
-            error,
-            "Pass a local copy with --data.path <folder or file> (e.g. a folder with wiki.test.raw; "
-            f"CI uses $LIT_RLHF_DATA/wikitext-2-raw) or the offline text --data.path {PYDOC_TOPICS}.",
-        ) from error
+    dataset = load_hub_dataset(path, "Pass a local copy with --data.path <folder or file> (e.g. a folder with "
+                               "wiki.test.raw; CI uses $LIT_RLHF_DATA/wikitext-2-raw) or the offline text "
+                               f"--data.path {PYDOC_TOPICS}.", name)  # fmt: skip
     return {split: "".join(dataset[split]["text"]) for split in dataset}
 
 
