@@ -71,8 +71,16 @@ DRY = {
 }
 
 
-def load_config(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / name).read_text())
+def load_config(*names: str) -> dict:
+    """A base config with its overrides stacked as LightningCLI stacks them (later files win, key by key)."""
+    def merge(base: dict, override: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in override.items()}}  # fmt: skip
+
+    merged: dict = {}
+    for name in names:
+        merged = merge(merged, yaml.safe_load((CONFIGS / name).read_text()))
+    return merged
 
 
 def optimizer_from(spec: dict):
@@ -234,7 +242,7 @@ class Bench:
         from lit_rlhf.data.preference import PreferenceDataModule
         from lit_rlhf.modules.reward_model import RewardModel
 
-        config = load_config("reward_model.yaml")
+        config = load_config("rlhf/reward_model.yaml")
         model_args = {**config["model"]["init_args"], **s["model"]}
         data_args = {**config["data"]["init_args"], **s["data"]}
         policy, _ = self.models
@@ -264,7 +272,7 @@ class Bench:
         from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule
         from lit_rlhf.modules.ppo import PPOModule
 
-        config = load_config(f"ppo_{variant}.yaml")
+        config = load_config("rlhf/ppo.yaml", *(["lora/ppo.yaml"] if variant == "lora" else []))
         model_args = {**config["model"]["init_args"], **s["model"]}
         data_args = {**config["data"]["init_args"], **s["data"]}
         policy, reward_model = self.models
@@ -309,7 +317,7 @@ class Bench:
         from lit_rlhf.data.wikitext import WikiText2DataModule
         from lit_rlhf.modules.tinygpt import TinyGPTModule
 
-        config = load_config("pretrain_tinygpt_large.yaml")
+        config = load_config("tinygpt/pretrain.yaml", "scale/tinygpt_large.yaml")
         model_args = {**config["model"]["init_args"], **s["model"]}
         data_args = {**config["data"]["init_args"], **s["data"], "path": PYDOC_TOPICS, "name": None}
         data = WikiText2DataModule(**data_args)
@@ -334,7 +342,7 @@ class Bench:
         from lit_rlhf.data.medmnist import INFO, MedMNISTDataModule, save_medmnist_npz
         from lit_rlhf.modules.dcgan import DCGAN
 
-        config = load_config("dcgan_dermamnist.yaml")
+        config = load_config("dcgan/dcgan.yaml")
         model_args = {**config["model"]["init_args"], **s["model"]}
         data_args = {**config["data"]["init_args"], **s["data"]}
         flag, size, batch_size = data_args["flag"], data_args["size"], data_args["batch_size"]

@@ -5,7 +5,7 @@ training pairs/s over the whole multi-epoch run and test accuracy of both. Goal:
     python bench/bench_reward_model.py --pairs runs/pairs --out bench_rm.json
 
 The settings (trainable top blocks, learning rate, epochs, batch size, max_length, min_prompt_tokens,
-margin, reward centring) are read from configs/reward_model.yaml + configs/cpu/reward_model.yaml,
+margin, reward centring) are read from configs/rlhf/reward_model.yaml + configs/cpu/reward_model.yaml,
 so the bench follows the CPU setting; `--train-pairs`, `--test-pairs` and `--epochs` shorten it.
 Both sides train on the same encoded pairs (TRL takes our `chosen_ids`/`rejected_ids`), from the
 same seeded head, with a constant learning rate and gradient checkpointing off. pairs/s =
@@ -32,7 +32,7 @@ from lit_rlhf.models.hf import load_sequence_scorer, load_tokenizer, resolve_mod
 from lit_rlhf.modules.reward_model import RewardModel, train_only_top_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = (ROOT / "configs" / "reward_model.yaml", ROOT / "configs" / "cpu" / "reward_model.yaml")
+CONFIGS = (ROOT / "configs" / "rlhf" / "reward_model.yaml", ROOT / "configs" / "cpu" / "reward_model.yaml")
 
 
 def cpu_setting() -> dict:

@@ -1,4 +1,4 @@
-"""`python -m lit_rlhf {fit,validate,test,predict} --config configs/<stage>.yaml`.
+"""`python -m lit_rlhf {fit,validate,test,predict} --config configs/<project>/<method>.yaml`.
 
 LightningCLI in subclass mode: each YAML picks its LightningModule and LightningDataModule by
 `class_path`. Optimizers are arguments of the modules (callables settable from YAML), so modules
@@ -26,6 +26,8 @@ from lit_rlhf.errors import UserInputError, as_paragraph, not_a_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# configs/<project>/<method>.yaml are the base configs; every other folder of configs/ holds overrides.
+PROJECTS = ("rlhf", "tinygpt", "dcgan")
 PROG = "lit_rlhf"
 # bf16 autocast on a CPU, against 32-true: measured on SmolLM2-135M forward+backward steps (2 x86 cores).
 CPU_BF16_SLOWDOWN = "~6x"
@@ -87,14 +89,20 @@ def resolve_config_args(args: list[str]) -> list[str]:
 
 
 def stage_configs() -> list[str]:
-    return sorted(f"configs/{p.name}" for p in CONFIGS.glob("*.yaml") if p.name != "evaluate.yaml")
+    """Each method's base config (the evaluation's has its own command)."""
+    return sorted(f"configs/{project}/{p.name}" for project in PROJECTS
+                  for p in (CONFIGS / project).glob("*.yaml") if p.name != "evaluate.yaml")  # fmt: skip
+
+
+def override_folders() -> list[str]:
+    return sorted(f"{p.relative_to(REPO)}/" for p in CONFIGS.rglob("*") if p.is_dir() and p.name not in PROJECTS)
 
 
 def _description() -> str:
-    overrides = sorted(f"configs/{p.name}/" for p in CONFIGS.iterdir() if p.is_dir())
+    overrides = override_folders()
     return (
         f"Train, validate, test or predict with one stage of lit_rlhf:\n\n"
-        f"  {PROG} fit --config configs/<stage>.yaml [--config configs/<override>.yaml] [--trainer.max_steps 100]\n\n"
+        f"  {PROG} fit --config configs/<project>/<method>.yaml [--config configs/<override>.yaml] [--trainer.max_steps 100]\n\n"
         "Stage configs (each file's header says what it is for and how to run it small):\n  "
         + "\n  ".join(stage_configs())
         + "\nOverrides, stacked after a stage's config (the later file wins):\n  "

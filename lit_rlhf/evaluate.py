@@ -1,7 +1,7 @@
 """Evaluate the base model and any number of trained policies and write the RLHF report.
 
-    python -m lit_rlhf.evaluate --config configs/evaluate.yaml [--out_dir ...]
-    python -m lit_rlhf.evaluate --config configs/evaluate.yaml \
+    python -m lit_rlhf.evaluate --config configs/rlhf/evaluate.yaml [--out_dir ...]
+    python -m lit_rlhf.evaluate --config configs/rlhf/evaluate.yaml \
         --policies '{"PPO (full)": "runs/ppo_full", "GRPO": "runs/grpo", "DPO": "runs/dpo"}' \
         --judge_reward_model runs/judge_reward_model/reward_model
 

@@ -8,7 +8,8 @@
 The `pairs` stage cuts the oasst1 rows by message tree (`lit_rlhf.data.rlhf_splits`): pairs for the
 training reward model, pairs of other trees for a judge reward model that only the evaluation
 uses, prompts for the policies, and held-out root prompts for the evaluation. Each stage runs its
-config (`configs/<stage>.yaml`, then the setting's overrides `configs/cpu/<stage>.yaml`, ...) in a
+config (`configs/rlhf/<method>.yaml`, the setting's `configs/cpu/<method>.yaml`, ..., and for a
+LoRA variant `configs/lora/<method>.yaml` and the setting's `configs/cpu/<method>_lora.yaml`) in a
 fresh process, feeds the next by path, and records its command beside its output: a stage is
 skipped only when its output is complete and was made by the same command; otherwise its folder
 is cleared and it runs again, saying why.
@@ -38,9 +39,9 @@ SETTINGS = {
     "real": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "prompt_data": "OpenAssistant/oasst1",
              "preference_data": "stanfordnlp/SHP", "overrides": []},
 }  # fmt: skip
-# Policy stages: (config name, export folder inside the run).
-POLICIES = {"ppo_full": ("ppo_full", POLICY), "ppo_lora": ("ppo_lora", POLICY_ADAPTER),
-            "grpo": ("grpo", POLICY), "rloo": ("rloo", POLICY), "dpo": ("dpo", POLICY)}  # fmt: skip
+# Policy stages: (method config, LoRA variant).
+POLICIES = {"ppo_full": ("ppo", False), "ppo_lora": ("ppo", True),
+            "grpo": ("grpo", False), "rloo": ("rloo", False), "dpo": ("dpo", False)}  # fmt: skip
 STAGES = ("pairs", "reward_model", "judge_reward_model", *POLICIES, "evaluation")
 DEFAULT_STAGES = ("pairs", "reward_model", "judge_reward_model", "ppo_full", "ppo_lora", "evaluation")
 NAMES = {"ppo_full": "PPO (full)", "ppo_lora": "PPO (LoRA)", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
@@ -82,9 +83,12 @@ def _run_module(command: list[str]) -> None:
         sys.exit(f"[pipeline] stage failed (exit {result.returncode}); fix it and run the same command again to resume.")
 
 
-def stage_configs(name: str, overrides: list[str]) -> list[str]:
-    """`--config` for the stage's config and each of the setting's overrides that exists."""
-    files = [CONFIGS / f"{name}.yaml"] + [CONFIGS / folder / f"{name}.yaml" for folder in overrides]
+def stage_configs(method: str, overrides: list[str], lora: bool = False) -> list[str]:
+    """`--config` for the method's config, each of the setting's overrides that exists and, for the
+    LoRA variant, the LoRA override and the setting's `<method>_lora.yaml` after them."""
+    files = [CONFIGS / "rlhf" / f"{method}.yaml"] + [CONFIGS / folder / f"{method}.yaml" for folder in overrides]
+    if lora:
+        files += [CONFIGS / "lora" / f"{method}.yaml"] + [CONFIGS / folder / f"{method}_lora.yaml" for folder in overrides]
     return [arg for file in files if file.exists() for arg in ("--config", str(file))]
 
 
@@ -107,11 +111,11 @@ def plan(args: argparse.Namespace) -> list[Stage]:
                                    "--model.model_name_or_path", model, "--data.path", data,
                                    "--trainer.default_root_dir", str(folder)],
                             folder, folder / REWARD_MODEL / "config.json"))  # fmt: skip
-    for name, (config, export) in POLICIES.items():
-        folder = root / name
+    for name, (method, lora) in POLICIES.items():
+        folder, export = root / name, POLICY_ADAPTER if lora else POLICY
         data = (["--data.path", str(pairs / "reward_model")] if name == "dpo" else
                 ["--data.path", str(pairs / "prompt_rows.jsonl"), "--model.reward_model_path", str(reward_model)])
-        stages.append(Stage(name, ["lit_rlhf", "fit", *stage_configs(config, setting["overrides"]),
+        stages.append(Stage(name, ["lit_rlhf", "fit", *stage_configs(method, setting["overrides"], lora),
                                    "--model.model_name_or_path", model, *data,
                                    "--trainer.default_root_dir", str(folder)],
                             folder, folder / export / ("adapter_config.json" if export == POLICY_ADAPTER else "config.json")))  # fmt: skip
@@ -120,8 +124,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
                 if s.name in POLICIES and (s.name in args.stages or s.output.exists())}  # fmt: skip
     note = f"pipeline setting '{args.setting}', prompts and pairs from {prompt_data}" + (
         f", training reward model on {preference}" if args.preference_data or setting.get("preference_data") else "")
-    stages.append(Stage("evaluation", ["lit_rlhf.evaluate", "--config", str(CONFIGS / "evaluate.yaml"),
-                                       *stage_configs("evaluate", setting["overrides"])[2:],
+    stages.append(Stage("evaluation", ["lit_rlhf.evaluate", *stage_configs("evaluate", setting["overrides"]),
                                        "--reward_model", str(reward_model), "--judge_reward_model", str(judge),
                                        "--base_model", model, "--policies", json.dumps(policies),
                                        "--eval_prompts", eval_prompts, "--reward_model_run", str(root / "reward_model"),

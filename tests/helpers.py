@@ -28,3 +28,25 @@ def make_tiny_llama_dir(folder: Path, tokenizer_dir: Path, seed: int = 0, **over
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+REPO = Path(__file__).resolve().parents[1]
+# The config stack of each stage a test runs by name (ids in the README's error table use these names).
+STAGE_STACKS = {
+    "pretrain_tinygpt": ["tinygpt/pretrain.yaml"],
+    "sft_tinygpt": ["tinygpt/sft.yaml"],
+    "rl_lite": ["tinygpt/rl_lite.yaml"],
+    "reward_model": ["rlhf/reward_model.yaml"],
+    "ppo_full": ["rlhf/ppo.yaml"],
+    "ppo_lora": ["rlhf/ppo.yaml", "lora/ppo.yaml"],
+    "grpo": ["rlhf/grpo.yaml"],
+    "rloo": ["rlhf/rloo.yaml"],
+    "dpo": ["rlhf/dpo.yaml"],
+    "dcgan_dermamnist": ["dcgan/dcgan.yaml"],
+    "medmnist_classifier": ["dcgan/classifier.yaml"],
+}
+
+
+def config_args(stage: str) -> list[str]:
+    """`--config` arguments for a stage named as in STAGE_STACKS."""
+    return [arg for config in STAGE_STACKS[stage] for arg in ("--config", str(REPO / "configs" / config))]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_llama_dir
+from helpers import config_args, make_tiny_llama_dir
 from lightning.pytorch import Trainer
 from medmnist_helpers import fit_tiny_dcgan, write_tiny_medmnist
 from preference_fixtures import separable_pairs, write_jsonl
@@ -144,7 +144,7 @@ def test_tinygpt_nan_loss_stops_the_cli_run_without_a_checkpoint(tmp_path, monke
     monkeypatch.setattr(TinyGPTModule, "_loss", lambda self, batch: self(batch[0]).sum() * math.nan)
     root = tmp_path / "run"
     message = cli_error(capsys, lambda: main([
-        "fit", "--config", "configs/pretrain_tinygpt.yaml", "--data.path", "builtin:pydoc-topics",
+        "fit", "--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
         "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "3",
         "--trainer.logger", CSV_ONLY, "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
     ]))
@@ -182,7 +182,7 @@ def test_init_time_errors_through_the_cli_are_one_paragraph(config, bad_value, t
     """Today: a jsonargparse trace ("Does not validate against any of the Union subtypes") with
     the message inside; the same holds for every UserInputError raised while building a module."""
     message = cli_error(capsys, lambda: main([
-        "fit", "--config", str(REPO / f"configs/{config}.yaml"), bad_value.format(dcgan=dcgan_checkpoint),
+        "fit", *config_args(config), bad_value.format(dcgan=dcgan_checkpoint),
         "--trainer.default_root_dir", str(tmp_path / "run"),
     ]))
     assert "is not a TinyGPT checkpoint" in message or "offline" in message
@@ -348,7 +348,7 @@ def evaluate_args(fake_runs, out: Path, **overrides) -> list[str]:
             policies[name] = str(run)
     settings = {"reward_model": reward, "base_model": base, "policies": json.dumps(policies), "out_dir": out,
                 "max_new_tokens": 4, "batch_size": 25, "bootstrap_resamples": 100, **overrides}
-    return ["--config", str(REPO / "configs/evaluate.yaml"), *[f"--{k}={v}" for k, v in settings.items()]]
+    return ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), *[f"--{k}={v}" for k, v in settings.items()]]
 
 
 def test_evaluation_base_model_hub_id_offline(fake_runs, tmp_path, capsys):
@@ -564,30 +564,30 @@ def stage_args(stage: str, root: Path, work: Path, parity_models) -> list[str]:
     common = ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
               "--trainer.log_every_n_steps", "1"]
     if stage == "pretrain_tinygpt":  # with the config's W&B logger: the secrets check covers its files
-        return ["--config", "configs/pretrain_tinygpt.yaml", "--data.path", "builtin:pydoc-topics",
+        return ["--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
                 "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "4", *common]
     common += ["--trainer.logger", CSV_ONLY]
     if stage == "sft_tinygpt":
         (work / "train.txt").write_text(TEXT)
-        return ["--config", "configs/sft_tinygpt.yaml", *common, "--data.path", str(work / "train.txt"),
+        return ["--config", "configs/tinygpt/sft.yaml", *common, "--data.path", str(work / "train.txt"),
                 "--model.init_args.init_from", str(tinygpt_checkpoint(work / "init.ckpt")), "--data.k", "16",
                 "--data.stride", "32", "--data.batch_size", "16", "--trainer.max_steps", "4",
                 "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
     if stage == "rl_lite":
-        return ["--config", "configs/rl_lite.yaml", *common, "--model.init_args.init_from",
+        return ["--config", "configs/tinygpt/rl_lite.yaml", *common, "--model.init_args.init_from",
                 str(tinygpt_checkpoint(work / "init.ckpt", vocab=[UNK, "a", "d", "t", "\n"])),
                 "--model.init_args.samples_per_prompt", "4", "--model.init_args.max_new_chars", "6",
                 "--data.prompts", '["a", "t"]', "--data.steps_per_epoch", "2", "--trainer.max_steps", "2"]
     if stage == "reward_model":
         write_jsonl(work / "pairs" / "train.jsonl", separable_pairs(16))
         write_jsonl(work / "pairs" / "validation.jsonl", separable_pairs(4))
-        return ["--config", "configs/reward_model.yaml", *common, "--model.model_name_or_path", str(parity_models[0]),
+        return ["--config", "configs/rlhf/reward_model.yaml", *common, "--model.model_name_or_path", str(parity_models[0]),
                 "--data.path", str(work / "pairs"), "--data.max_length", "64", "--data.min_prompt_tokens", "16",
                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
     if stage in ("ppo_full", "ppo_lora"):
         policy, reward = parity_models
         rows = [oasst1_message(f"m{i}", None, "prompter", f"Tell me about number {i}.") for i in range(12)]
-        return ["--config", f"configs/{stage}.yaml", *common, "--model.model_name_or_path", str(policy),
+        return [*config_args(stage), *common, "--model.model_name_or_path", str(policy),
                 "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8",
                 "--model.max_new_tokens", "4", "--model.ppo_epochs", "1",
                 "--data.path", str(write_jsonl(work / "oasst1.jsonl", rows)),
@@ -596,9 +596,9 @@ def stage_args(stage: str, root: Path, work: Path, parity_models) -> list[str]:
     write_tiny_medmnist(work, "dermamnist", n_train=32)
     data = ["--data.root", str(work), "--data.batch_size", "16", "--trainer.max_epochs", "1"]
     if stage == "dcgan_dermamnist":
-        return ["--config", "configs/dcgan_dermamnist.yaml", *common, *data, "--model.latent_dim", "8",
+        return ["--config", "configs/dcgan/dcgan.yaml", *common, *data, "--model.latent_dim", "8",
                 "--model.ngf", "8", "--model.ndf", "8", "--model.sample_every_n_epochs", "1", "--model.plot_first_epochs", "1"]
-    return ["--config", "configs/medmnist_classifier.yaml", *common, *data, "--model.width", "8", "--model.feature_dim", "16"]
+    return ["--config", "configs/dcgan/classifier.yaml", *common, *data, "--model.width", "8", "--model.feature_dim", "16"]
 
 
 STAGES = ["pretrain_tinygpt", "sft_tinygpt", "rl_lite", "reward_model", "ppo_full", "ppo_lora", "dcgan_dermamnist",
@@ -703,7 +703,7 @@ IMPOSSIBLE_NUMBERS = [
 def test_impossible_numbers_are_refused_with_the_option_name(config, option, value, expected, capsys):
     """Sizes are typed (pydantic PositiveInt / NonNegativeInt: plain ints in checkpoints), so the
     parser refuses them before anything is built, in one line instead of its usage and nested report."""
-    message = cli_error(capsys, lambda: main(["fit", "--config", str(REPO / f"configs/{config}.yaml"), option, value]))
+    message = cli_error(capsys, lambda: main(["fit", *config_args(config), option, value]))
     assert message == f"lit_rlhf error: {expected} See `lit_rlhf fit --help`."
 
 
@@ -719,7 +719,7 @@ def test_a_run_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
 
 
 def tinygpt_run_args(root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(REPO / "configs/pretrain_tinygpt.yaml"), "--data.path", "builtin:pydoc-topics",
+    return ["fit", "--config", str(REPO / "configs/tinygpt/pretrain.yaml"), "--data.path", "builtin:pydoc-topics",
             "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "2",
             "--trainer.logger", CSV_ONLY, "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(root), *extra]  # fmt: skip

@@ -4,6 +4,7 @@ help texts."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,49 @@ from nbclient import NotebookClient
 
 from lit_rlhf import evaluate, pipeline
 from lit_rlhf.callbacks import ProgressLines, StepsProgressBar
-from lit_rlhf.cli import main, place_outputs_under_root
+from lit_rlhf.cli import main, override_folders, place_outputs_under_root, stage_configs
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "evaluate.yaml")
+STAGE_CONFIGS = [REPO / config for config in stage_configs()]
 
 
-def test_there_is_a_config_per_stage():
-    names = {p.stem for p in STAGE_CONFIGS}
-    assert {"pretrain_tinygpt", "pretrain_tinygpt_large", "reward_model", "ppo_full", "ppo_lora"} <= names
+def test_there_is_a_base_config_per_method_grouped_by_project():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in STAGE_CONFIGS}
+    assert names == {"rlhf/reward_model.yaml", "rlhf/ppo.yaml", "rlhf/grpo.yaml", "rlhf/rloo.yaml", "rlhf/dpo.yaml",
+                     "tinygpt/pretrain.yaml", "tinygpt/sft.yaml", "tinygpt/rl_lite.yaml",
+                     "dcgan/dcgan.yaml", "dcgan/classifier.yaml"}  # fmt: skip
+    assert [p.stem for p in GPU_NODES] == ["ddp_bf16", "fsdp_llama"]
+
+
+def shown_config_stacks() -> list[tuple[str, ...]]:
+    """The `--config` stacks of every `python -m lit_rlhf <subcommand>` command that the README or a
+    config's header shows (continuation lines joined)."""
+    stacks = set()
+    for text in [(REPO / "README.md").read_text()] + [p.read_text() for p in (REPO / "configs").rglob("*.yaml")]:
+        text = re.sub(r"\\\n[#\s]*", " ", text)
+        for command in re.findall(r"python -m lit_rlhf (?:fit|validate|test|predict) [^\n`|]*", text):
+            configs = tuple(re.findall(r"(?:--config[ =]|-c )(configs/[\w/]+\.yaml)", command))
+            if configs and all("<" not in c for c in configs):
+                stacks.add(configs)
+    return sorted(stacks)
+
+
+def test_every_override_is_shown_or_run_by_the_pipeline():
+    shown = {config for stack in shown_config_stacks() for config in stack}
+    for setting in pipeline.SETTINGS:
+        namespace = pipeline.argparse.Namespace(root=Path("runs"), setting=setting, model=None, prompt_data="rows",
+                                                preference_data=None, eval_prompts=None, seed=0, stages=[])  # fmt: skip
+        for stage in pipeline.plan(namespace):
+            shown |= {Path(c).relative_to(REPO).as_posix() for c, flag in zip(stage.command[1:], stage.command) if flag == "--config"}
+    overrides = {p.relative_to(REPO).as_posix() for folder in override_folders() for p in (REPO / folder).glob("*.yaml")}
+    assert overrides - shown == set()
+
+
+@pytest.mark.parametrize("stack", shown_config_stacks(), ids=lambda stack: "+".join(Path(c).stem for c in stack))
+def test_every_config_stack_the_docs_show_parses(stack, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *[arg for config in stack for arg in ("--config", str(REPO / config))], "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: p.stem)
@@ -44,7 +79,7 @@ def test_evaluate_config_prints(capsys):
     from lit_rlhf import evaluate
 
     with pytest.raises(SystemExit):
-        evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--print_config"])
+        evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--print_config"])
     assert "reward_model: runs/reward_model/reward_model" in capsys.readouterr().out
 
 
@@ -67,7 +102,10 @@ def test_outputs_are_placed_under_the_run_folder():
     assert trainer.callbacks[1].init_args.dirpath == "/abs/elsewhere"
 
 
-@pytest.mark.parametrize("scale", sorted((REPO / "configs" / "scale").glob("*.yaml")), ids=lambda p: p.stem)
+GPU_NODES = sorted(p for p in (REPO / "configs" / "scale").glob("*.yaml") if "strategy" in yaml.safe_load(p.read_text())["trainer"])
+
+
+@pytest.mark.parametrize("scale", GPU_NODES, ids=lambda p: p.stem)
 def test_scale_overrides_stack_on_a_stage_and_build_their_strategy(scale, capsys):
     """The GPU-node overrides parse on top of a stage, and their strategy can be constructed (this
     machine has no GPU to run it): every class path in them imports."""
@@ -77,7 +115,7 @@ def test_scale_overrides_stack_on_a_stage_and_build_their_strategy(scale, capsys
     from lightning.pytorch.strategies import StrategyRegistry
 
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs/reward_model.yaml"), "--config", str(scale), "--print_config"])
+        main(["fit", "--config", str(REPO / "configs/rlhf/reward_model.yaml"), "--config", str(scale), "--print_config"])
     assert "precision: bf16-mixed" in capsys.readouterr().out
     strategy = yaml.safe_load(scale.read_text())["trainer"]["strategy"]
     if isinstance(strategy, str):
@@ -125,7 +163,7 @@ def test_wandb_files_land_in_root_wandb_and_the_saved_config_says_so(absolute, t
     writes to the same place."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "runs" / "tiny" if absolute else Path("runs/tiny")
-    main(["fit", "--config", "configs/pretrain_tinygpt.yaml", *TINY_RUN, "--trainer.default_root_dir", str(root)])
+    main(["fit", "--config", "configs/tinygpt/pretrain.yaml", *TINY_RUN, "--trainer.default_root_dir", str(root)])
     assert list((tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "runs" / "tiny" / "runs").exists() and not (tmp_path / "wandb").exists()
     saved = tmp_path / "runs/tiny/csv/version_0/config.yaml"
@@ -143,7 +181,7 @@ def test_a_command_from_another_folder_shows_progress_lines_and_no_library_noise
     read from the repository. stdout is a pipe here (as under nohup or CI): progress comes as lines.
     The litlogger tip, the pytree/set_vital deprecations and W&B's 'anonymous' warning are gone."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, "-m", "lit_rlhf", "fit", "--config", "configs/pretrain_tinygpt.yaml",
+    result = subprocess.run([sys.executable, "-m", "lit_rlhf", "fit", "--config", "configs/tinygpt/pretrain.yaml",
                              *TINY_RUN, "--trainer.default_root_dir", "runs/tiny"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -196,19 +234,19 @@ def test_the_progress_bar_counts_steps_when_max_steps_ends_the_run(tmp_path):
 
 def test_configs_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    for args in (["--config", "configs/ppo_full.yaml"], ["--config", "ppo_full.yaml"],
-                 ["--config=configs/ppo_full.yaml", "-c", "configs/cpu/ppo_full.yaml"]):
+    for args in (["--config", "configs/rlhf/ppo.yaml"], ["--config", "rlhf/ppo.yaml"],
+                 ["--config=configs/rlhf/ppo.yaml", "-c", "configs/cpu/ppo.yaml"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", *args, "--print_config"])
         assert exit_info.value.code in (0, None)
     with pytest.raises(SystemExit):
-        evaluate.main(["--config", "configs/evaluate.yaml", "--print_config"])
+        evaluate.main(["--config", "configs/rlhf/evaluate.yaml", "--print_config"])
     assert "reward_model: runs/reward_model/reward_model" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/no_such_stage.yaml"])
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "--config: File does not exist" in err and "configs/ppo_full.yaml" in err
+    assert "--config: File does not exist" in err and "configs/rlhf/ppo.yaml" in err
 
 
 def test_the_pipeline_commands_parse_from_another_folder(tmp_path, monkeypatch, capsys):
@@ -229,7 +267,7 @@ def test_help_names_the_program_lists_the_configs_and_takes_short_class_names(ca
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: lit_rlhf ") and "configs/ppo_full.yaml" in out and "configs/cpu/" in out
+    assert out.startswith("usage: lit_rlhf ") and "configs/rlhf/ppo.yaml" in out and "configs/cpu/" in out
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "PPOModule"])
     assert "--model.max_new_tokens" in capsys.readouterr().out

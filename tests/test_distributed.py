@@ -62,7 +62,7 @@ def assert_same_training(one: Path, two: Path, column: str = "train/loss", atol:
 
 
 def test_tinygpt_two_ranks_match_one_rank_with_the_global_batch(tmp_path):
-    common = ["fit", "--config", "configs/pretrain_tinygpt.yaml", "--data.path", "builtin:pydoc-topics",
+    common = ["fit", "--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
               "--data.train_chars", "20000", "--data.val_chars", "4000", "--data.block_size", "32",
               "--model.init_args.block_size", "32", "--model.init_args.n_embd", "32", "--trainer.max_steps", "12",
               "--trainer.val_check_interval", "12", "--trainer.limit_val_batches", "2",
@@ -79,7 +79,7 @@ def test_reward_model_two_ranks_match_one_rank_with_the_global_batch(tmp_path, t
     pairs = separable_pairs(48)
     write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs[:32])
     write_jsonl(tmp_path / "pairs" / "validation.jsonl", pairs[32:])
-    common = ["fit", "--config", "configs/reward_model.yaml", "--data.path", str(tmp_path / "pairs"),
+    common = ["fit", "--config", "configs/rlhf/reward_model.yaml", "--data.path", str(tmp_path / "pairs"),
               "--data.max_length", "64", "--data.min_prompt_tokens", "16", "--model.model_name_or_path",
               str(tiny_llama_dir), "--model.optimizer", SGD, "--trainer.max_epochs", "2",
               "--trainer.limit_train_batches", "3",  # full global batches only
@@ -98,7 +98,7 @@ def test_ppo_two_ranks_share_kl_coef_and_save_once(tmp_path, smol_tokenizer_dir,
     reward = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
     root = tmp_path / "run"
     run_cli(
-        "fit", "--config", "configs/ppo_full.yaml", *ddp(2), "--trainer.default_root_dir", str(root),
+        "fit", "--config", "configs/rlhf/ppo.yaml", *ddp(2), "--trainer.default_root_dir", str(root),
         "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
         "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
         "--model.ppo_epochs", "2", "--model.kl_horizon_fraction", "0.5", "--data.path", str(data_root / "oasst1"),
@@ -137,7 +137,7 @@ def test_ppo_nan_score_on_one_rank_stops_every_rank(tmp_path, smol_tokenizer_dir
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, str(script), "fit", "--config", "configs/ppo_full.yaml", *ddp(2),
+        [sys.executable, str(script), "fit", "--config", "configs/rlhf/ppo.yaml", *ddp(2),
          "--trainer.default_root_dir", str(tmp_path / "run"), "--model.model_name_or_path", str(policy),
          "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8", "--model.max_new_tokens", "4",
          "--model.ppo_epochs", "1", "--data.path", str(data_root / "oasst1"), "--data.num_train_prompts", "16", "--data.num_eval_prompts", "8", "--data.max_prompt_length",
@@ -156,7 +156,7 @@ def test_dcgan_two_ranks(tmp_path):
 
     write_tiny_medmnist(tmp_path / "data", "dermamnist", n_train=64)
     root = tmp_path / "two"
-    run_cli("fit", "--config", "configs/dcgan_dermamnist.yaml", *ddp(2), "--data.root", str(tmp_path / "data"),
+    run_cli("fit", "--config", "configs/dcgan/dcgan.yaml", *ddp(2), "--data.root", str(tmp_path / "data"),
             "--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
             "--trainer.strategy", "ddp_find_unused_parameters_true",
             "--model.latent_dim", "16", "--model.ngf", "8", "--model.ndf", "8",

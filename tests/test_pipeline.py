@@ -47,8 +47,10 @@ def test_stages_feed_each_other_by_path_and_stack_the_setting_overrides(tmp_path
     assert reward_model in stages["ppo_full"].command and reward_model in stages["evaluation"].command
     assert str(tmp_path / "pairs" / "prompt_rows.jsonl") in stages["ppo_lora"].command
     assert str(tmp_path / "pairs" / "judge") in stages["judge_reward_model"].command
-    configs = [Path(c).relative_to(pipeline.CONFIGS).as_posix() for c in stages["ppo_lora"].command[3:9:2]]
-    assert configs == ["ppo_lora.yaml", "cpu/ppo_lora.yaml", "quickstart/ppo_lora.yaml"]
+    command = stages["ppo_lora"].command
+    configs = [Path(command[i + 1]).relative_to(pipeline.CONFIGS).as_posix() for i, arg in enumerate(command) if arg == "--config"]
+    assert configs == ["rlhf/ppo.yaml", "cpu/ppo.yaml", "quickstart/ppo.yaml",
+                       "lora/ppo.yaml", "cpu/ppo_lora.yaml", "quickstart/ppo_lora.yaml"]  # fmt: skip
     policies = json.loads(stages["evaluation"].command[stages["evaluation"].command.index("--policies") + 1])
     assert policies == {"PPO (full)": str(tmp_path / "ppo_full"), "PPO (LoRA)": str(tmp_path / "ppo_lora")}
 

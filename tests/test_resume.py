@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import config_args
 import torch
 
 from lit_rlhf.checkpoint_io import StreamingCheckpointIO
@@ -26,7 +27,7 @@ def every_n_steps(n: int) -> str:
 
 
 def tinygpt_args(root: Path, steps: int) -> list[str]:
-    return ["fit", "--config", "configs/pretrain_tinygpt.yaml", "--data.path", "builtin:pydoc-topics",
+    return ["fit", "--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
             "--data.train_chars", "30000", "--data.val_chars", "4000", "--data.block_size", "32",
             "--model.init_args.block_size", "32", "--model.init_args.n_embd", "32", "--model.init_args.dropout", "0.1",
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000", "--trainer.limit_val_batches", "2",
@@ -101,7 +102,7 @@ def test_online_rl_resume_continues_kl_controller_rollouts_and_data_order(method
     options, steps_per_iteration, loss_column = ONLINE_METHODS[method]
 
     def args(root: Path, callbacks: str = every_n_steps(1)) -> list[str]:
-        return ["fit", "--config", f"configs/{method}.yaml", "--trainer.default_root_dir", str(root),
+        return ["fit", *config_args(method), "--trainer.default_root_dir", str(root),
                 "--trainer.logger", CSV_ONLY, "--trainer.callbacks", callbacks,
                 "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(4 * steps_per_iteration),
                 "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),

@@ -155,7 +155,7 @@ def read_dcgan_checkpoint(ckpt: Path) -> dict:
     if not {"latent_dim", "channels", "image_size"} <= set(checkpoint.get("hyper_parameters") or {}):
         raise UserInputError(
             f"--ckpt '{ckpt}' is not a DCGAN checkpoint (no latent_dim/channels/image_size in its hyper-parameters). "
-            "Pass a checkpoint from a DCGAN run's checkpoints/ folder (configs/dcgan_*.yaml)."
+            "Pass a checkpoint from a DCGAN run's checkpoints/ folder (configs/dcgan/dcgan.yaml)."
         )
     return checkpoint
 

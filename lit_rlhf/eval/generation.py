@@ -18,10 +18,13 @@ def generate_responses(
     batch_size: int = 16,
     max_prompt_length: int = 256,
     desc: str = "generating",
-) -> tuple[list[str], list[list[int]]]:
+    return_logprobs: bool = False,
+):
     """(texts, token ids up to the first EOS) per prompt; sampling with top_k=0, top_p=1 from `seed`.
 
     A prompt is a user text or a conversation (`[{"role", "content"}, ...]`, see `chat_prompt_ids`).
+    `return_logprobs`: also each kept token's log-prob under logits / temperature, the distribution
+    it was sampled from (what `response_logprobs` recomputes, without a second forward pass).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -33,20 +36,28 @@ def generate_responses(
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=return_logprobs,
     )
     torch.manual_seed(seed)
-    texts, token_ids = [], []
+    texts, token_ids, logprobs = [], [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         ids = [chat_prompt_ids(tokenizer, p, max_prompt_length)[0] for p in prompts[start : start + batch_size]]
         input_ids, attention = pad_sequences(ids, tokenizer.pad_token_id, side="left", device=device)
         width = input_ids.size(1)
         out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-        for row in out[:, width:].tolist():
+        sampled = out.sequences[:, width:]
+        if return_logprobs:
+            logits = torch.stack(out.logits, dim=1).float() / (temperature if temperature > 0 else 1.0)
+            chosen = torch.log_softmax(logits, dim=-1).gather(2, sampled.unsqueeze(-1)).squeeze(-1).cpu()
+        for i, row in enumerate(sampled.tolist()):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             token_ids.append(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts, token_ids
+            if return_logprobs:
+                logprobs.append(chosen[i, : len(row)])
+    return (texts, token_ids, logprobs) if return_logprobs else (texts, token_ids)
 
 
 def is_truncated(token_ids: list[int], max_new_tokens: int) -> bool:

@@ -260,14 +260,15 @@ def kl_reading(name: str, kl: float, low: float, high: float) -> str:
 
 
 def training_cost(run: str) -> dict:
-    """Mean seconds per iteration (or step) and peak RSS of a training run, from its metrics."""
+    """Mean seconds per iteration (online methods) or per step (DPO) and peak RSS of a training run."""
     try:
         metrics = read_metrics(run)
     except UserInputError:
         return {}
     cost = {}
-    if "time/iteration_s" in metrics:
-        cost["seconds_per_iteration"] = float(metrics["time/iteration_s"].dropna().mean())
+    for column, key in (("time/iteration_s", "seconds_per_iteration"), ("time/step_s", "seconds_per_step")):
+        if column in metrics:
+            cost[key] = float(metrics[column].dropna().mean())
     if "perf/peak_rss_gb" in metrics:
         cost["peak_rss_gb"] = float(metrics["perf/peak_rss_gb"].dropna().max())
     return {k: v for k, v in cost.items() if not math.isnan(v)}
@@ -331,13 +332,13 @@ def evaluate(s: EvalSettings) -> EvalResult:
     for name in [BASE, *s.policies]:
         model, tokenizer = (base_model, base_tokenizer) if name == BASE else load_policy(s.base_model, s.policies[name])
         require_tokenizer_fits(model, tokenizer, name)
-        responses, token_ids = generate_responses(
+        # k1 KL on the policy's own samples, both log-probs at the sampling temperature
+        responses, token_ids, own = generate_responses(
             model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
-            desc=f"generating ({name})",
+            desc=f"generating ({name})", return_logprobs=True,
         )
         kl_sums = [0.0] * len(prompts)
-        if name != BASE:  # k1 KL on the policy's own samples, both at the sampling temperature
-            own = response_logprobs(model, tokenizer, prompts, token_ids, s.temperature, s.max_prompt_length, s.batch_size)
+        if name != BASE:
             ref = response_logprobs(base_model, base_tokenizer, prompts, token_ids, s.temperature, s.max_prompt_length,
                                     s.batch_size)  # fmt: skip
             kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]

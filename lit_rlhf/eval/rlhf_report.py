@@ -32,17 +32,23 @@ def reward_table(result: EvalResult) -> tuple[list[str], list[list]]:
 
 def behaviour_table(result: EvalResult) -> tuple[list[str], list[list]]:
     columns = ["Model", "KL to base (per token)", "Mean length (tokens)", "Length change", "Truncated share",
-               "Repetition (3-gram)", "Training s/iteration", "Training peak RSS (GB)"]
+               "Repetition (3-gram)", "Training s/iteration (DPO: s/step)", "Training peak RSS (GB)"]
     rows = []
     for model, e in result.summary.items():
         cost = e.get("training", {})
         rows.append([
             model, f"{e['kl_to_base']:.4f}" if "kl_to_base" in e else "—", f"{e['mean_length']:.1f}",
             f"{e['length_change']:+.1f}" if "length_change" in e else "—", f"{e['truncated_share']:.0%}",
-            f"{e['repetition']:.3f}", f"{cost['seconds_per_iteration']:.1f}" if "seconds_per_iteration" in cost else "—",
+            f"{e['repetition']:.3f}", seconds_text(cost),
             f"{cost['peak_rss_gb']:.1f}" if "peak_rss_gb" in cost else "—",
         ])  # fmt: skip
     return columns, rows
+
+
+def seconds_text(cost: dict) -> str:
+    if "seconds_per_iteration" in cost:
+        return f"{cost['seconds_per_iteration']:.1f}"
+    return f"{cost['seconds_per_step']:.1f} per step" if "seconds_per_step" in cost else "—"
 
 
 def overlap_text(judge: Judge) -> str:

@@ -12,6 +12,7 @@ The policy runs in eval mode, updates included (as TRL disables dropout): with d
 log-probs at step 0 would differ from the reference's and the implicit rewards would start on noise.
 """
 
+import time
 from dataclasses import asdict, is_dataclass
 
 import torch
@@ -21,7 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lit_rlhf.callbacks import ExportPolicy
 from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
-from lit_rlhf.modules.online import LoraSettings, policy_and_reference
+from lit_rlhf.modules.online import LoraSettings, peak_rss_gb, policy_and_reference
 from lit_rlhf.rl.dpo import dpo_loss, implicit_rewards, ipo_loss, response_token_mask, sequence_logps
 from lit_rlhf.rl.ppo import logprobs_from_logits
 
@@ -122,6 +123,14 @@ class DPOModule(LightningModule):
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=pairs, sync_dist=True)
         self.log("train/accuracy_pb", metrics["rewards/accuracies"], prog_bar=True, logger=False)
         return loss
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """The cost the evaluation compares across methods (online methods log it per iteration)."""
+        self.log_dict({"time/step_s": time.perf_counter() - self._step_started, "perf/peak_rss_gb": peak_rss_gb()},
+                      batch_size=1)  # fmt: skip
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         _, metrics = self._pair_step(batch)

@@ -145,7 +145,7 @@ def load_classifier(path: str | Path, option: str, flag: str | None, channels: i
     from `flag` (checked against the flag in the checkpoint's data module settings, when both are
     known: two binary grayscale flags have the same shapes but not the same features). A checkpoint of
     another stage is refused here rather than deep inside `load_from_checkpoint`."""
-    retrain = f"python -m lit_rlhf fit --config configs/medmnist_classifier.yaml --data.flag {flag}"
+    retrain = f"python -m lit_rlhf fit --config configs/dcgan/classifier.yaml --data.flag {flag}"
     if not Path(path).expanduser().exists():
         raise UserInputError(f"{option} '{path}' does not exist: train the classifier of {flag} first ({retrain}; it "
                              "writes checkpoints/best.ckpt under its trainer.default_root_dir) or pass the path of one."
@@ -155,7 +155,7 @@ def load_classifier(path: str | Path, option: str, flag: str | None, channels: i
     if any(hparams.get(key) is None for key in ("channels", "num_classes", "multi_label", "feature_dim")):
         raise UserInputError(
             f"{option} '{path}' is not a MedMNISTClassifier checkpoint (no channels/num_classes/feature_dim in its "
-            "hyper-parameters). Pass a checkpoint of configs/medmnist_classifier.yaml."
+            "hyper-parameters). Pass a checkpoint of configs/dcgan/classifier.yaml."
         )
     trained_on = (checkpoint.get("datamodule_hyper_parameters") or {}).get("flag")
     if hparams["channels"] != channels:

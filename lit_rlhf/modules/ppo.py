@@ -1,7 +1,8 @@
 """PPO fine-tuning of a causal LM against a frozen reward model (RLHF), full or LoRA.
 
-One module, two configs: `lora: null` trains every policy weight; with `lora` set, only the
-q_proj/v_proj adapters train (see `lit_rlhf.modules.online` for what all online methods share).
+One module and one switch: `lora: null` trains every policy weight; with `lora` set (the override
+configs/lora/ppo.yaml), only the q_proj/v_proj adapters train (see `lit_rlhf.modules.online` for what
+all online methods share).
 The critic starts from the reward model. Metric names follow TRL's PPO trainer (`objective/kl`,
 `objective/scores`, `policy/approxkl_avg`, ...); its `val/*` metrics describe the value function
 and the responses of each iteration, they are not validation metrics.

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import config_args
 
 from lit_rlhf.artifacts import REWARD_MODEL_INFO
 from lit_rlhf.cli import LitRLHFCLI
@@ -104,7 +105,7 @@ def test_cli_links_the_reward_model_path_into_the_prompt_data(data_root, tmp_pat
     trees = {r["message_tree_id"] for r in rows}
     reward_model_export(reward, set(sorted(trees)[:100]), set())
     cli = LitRLHFCLI(args=[
-        "--config", str(REPO / "configs/ppo_lora.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        *config_args("ppo_lora"), "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.logger", "false", "--model.model_name_or_path", str(policy),
         "--model.reward_model_path", str(reward),
         "--data.path", str(data_root / VALIDATION), 

@@ -17,7 +17,9 @@ from helpers import make_tiny_llama_dir
 from lit_rlhf import evaluate
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.eval import human_ratings
+from lit_rlhf.eval.generation import generate_responses, response_logprobs
 from lit_rlhf.eval.kl_monitor import interpret_kl
+from lit_rlhf.eval.rlhf_report import seconds_text
 from lit_rlhf.eval.stats import bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
 from ppo_fixtures import make_parity_reward_model
 
@@ -164,7 +166,7 @@ def fake_runs(tmp_path_factory, smol_tokenizer_dir):
 def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
-    evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(reward),
+    evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
                    "--base_model", str(base), "--policies", json.dumps({"PPO (full)": str(full), "PPO (LoRA)": str(lora_run)}),
                    "--out_dir", str(out), "--max_new_tokens", "6", "--batch_size", "25",
                    "--bootstrap_resamples", "500", "--wandb_mode", "offline"])
@@ -200,7 +202,7 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
 def test_evaluation_needs_enough_prompts(fake_runs, tmp_path):
     root, base, reward, full, lora_run = fake_runs
     with pytest.raises(SystemExit):
-        evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(reward),
+        evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
                        "--base_model", str(base), "--policies", json.dumps({"PPO (full)": str(full)}),
                        "--out_dir", str(tmp_path / "e"), "--num_prompts", "10"])
     assert not (tmp_path / "e").exists()
@@ -236,7 +238,7 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
         return real_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens)
 
     monkeypatch.setattr(rlhf, "score_responses", recording_score)
-    args = ["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(exported), "--base_model", str(base),
+    args = ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(exported), "--base_model", str(base),
             "--policies", json.dumps({"PPO (full)": str(full)}), "--eval_prompts", str(prompt_file), "--min_prompts", "12",
             "--max_new_tokens", "4", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"]
     evaluate.main([*args, "--out_dir", str(tmp_path / "as_trained")])
@@ -302,7 +304,7 @@ def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tm
     """Any number of policies, each with its KL to the base on its own samples: 0 for the base itself."""
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
-    evaluate.main(["--config", str(REPO / "configs/evaluate.yaml"), "--reward_model", str(reward),
+    evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
                    "--judge_reward_model", str(reward), "--base_model", str(base),
                    "--policies", json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
                    "--eval_prompts", str(full / "eval_prompts.jsonl"), "--out_dir", str(out), "--max_new_tokens", "5",
@@ -314,3 +316,27 @@ def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tm
     assert summary["PPO (full)"]["judge_reward_gain"] == summary["PPO (full)"]["reward_gain"]
     report = (out / "report.md").read_text()
     assert "Judge-RM gain" in report and "Same as base: per-token KL to the base model" in report
+
+
+def test_the_cost_column_says_per_step_for_dpo():
+    """Online methods log seconds per iteration, DPO per optimizer step: the report says which."""
+    assert seconds_text({"seconds_per_iteration": 19.04, "peak_rss_gb": 6.8}) == "19.0"
+    assert seconds_text({"seconds_per_step": 3.21}) == "3.2 per step"
+    assert seconds_text({}) == "—"
+
+
+def test_generation_returns_the_log_probs_a_forward_pass_gives(tiny_llama_dir):
+    """The evaluation's KL takes the policy's log-probs from its own sampling (one forward pass fewer
+    per policy): they equal a separate pass over the sampled tokens, for left-padded prompts of
+    different lengths, and sampling is unchanged by asking for them."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir, padding_side="left")
+    prompts = ["Hi.", "Name a colour you like.", [{"role": "user", "content": "A long question " * 12}]]
+    texts, ids, logprobs = generate_responses(model, tokenizer, prompts, 12, 0.7, seed=0, batch_size=2,
+                                              return_logprobs=True)  # fmt: skip
+    assert generate_responses(model, tokenizer, prompts, 12, 0.7, seed=0, batch_size=2) == (texts, ids)
+    recomputed = response_logprobs(model, tokenizer, prompts, ids, 0.7, batch_size=2)
+    for own, again, tokens in zip(logprobs, recomputed, ids):
+        assert own.shape == (len(tokens),)
+        torch.testing.assert_close(own, again, atol=1e-5, rtol=0)
+    assert (torch.cat(logprobs) < 0).all()

@@ -50,8 +50,8 @@ def test_short_fit_trains_both_networks_writes_8x4_grids_and_reloads(tmp_path):
 def test_configs_follow_the_task_and_stack_per_flag(flag):
     """The base config (DermaMNIST) alone, or with a flag's override stacked on it: the task's optimizers
     and epochs stay, the flag, run folder and FD classifier (the classifier override's output) change."""
-    overrides = ["--config", str(REPO / "configs" / "dcgan" / f"{flag}.yaml")] if flag else []
-    cli = LitRLHFCLI(args=["--config", str(REPO / "configs" / "dcgan_dermamnist.yaml"), *overrides], run=False)
+    overrides = ["--config", str(REPO / "configs" / "dcgan" / "datasets" / f"{flag}.yaml")] if flag else []
+    cli = LitRLHFCLI(args=["--config", str(REPO / "configs" / "dcgan" / "dcgan.yaml"), *overrides], run=False)
     assert cli.trainer.max_epochs >= 1000
     model = cli.model
     for factory in (model.optimizer_g, model.optimizer_d):
@@ -60,8 +60,8 @@ def test_configs_follow_the_task_and_stack_per_flag(flag):
         assert optimizer.defaults["betas"] == (0.5, 0.999) and optimizer.defaults["lr"] == 2e-4
     assert cli.datamodule.hparams.flag == (flag or "dermamnist")
     if flag:
-        classifier = LitRLHFCLI(args=["--config", str(REPO / "configs" / "medmnist_classifier.yaml"), "--config",
-                                      str(REPO / "configs" / "medmnist_classifier" / f"{flag}.yaml")], run=False)
+        classifier = LitRLHFCLI(args=["--config", str(REPO / "configs" / "dcgan" / "classifier.yaml"), "--config",
+                                      str(REPO / "configs" / "dcgan" / "classifier" / f"{flag}.yaml")], run=False)
         assert classifier.datamodule.hparams.flag == flag
         assert Path(cli.trainer.default_root_dir).name == f"dcgan_{flag}"
         assert model.hparams.fd_classifier == f"{classifier.trainer.default_root_dir}/checkpoints/best.ckpt"

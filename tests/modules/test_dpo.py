@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM
 from lit_rlhf.cli import main
 from lit_rlhf.data.preference import PreferenceDataModule
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.eval.rlhf import load_lora_policy
+from lit_rlhf.eval.rlhf import load_lora_policy, training_cost
 from lit_rlhf.modules.dpo import DPOModule
 from lit_rlhf.modules.online import LoraSettings
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG, LORA, CPU = REPO / "configs/dpo.yaml", REPO / "configs/lora/dpo.yaml", REPO / "configs/cpu/dpo.yaml"
+CONFIG, LORA, CPU = REPO / "configs/rlhf/dpo.yaml", REPO / "configs/lora/dpo.yaml", REPO / "configs/cpu/dpo.yaml"
 CSV_ONLY = '[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}}]'
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")  # fmt: skip
@@ -155,6 +155,10 @@ def assert_learns(df: pd.DataFrame) -> None:
 def test_full_dpo_learns_separable_pairs_and_exports_a_policy(tmp_path, tiny_llama_dir, separable_dir, one_thread):
     df = run_dpo(tmp_path, tiny_llama_dir, separable_dir, lr="1e-3")
     assert_learns(df)
+    # its cost, as the evaluation compares it with the online methods'
+    cost = training_cost(str(tmp_path))
+    assert cost["seconds_per_step"] > 0 and cost["peak_rss_gb"] > 0.1 and "seconds_per_iteration" not in cost
+    assert df["time/step_s"].notna().sum() == df["train/loss"].notna().sum()
     module = DPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     for (name, a), b in zip(exported.state_dict().items(), module.policy.state_dict().values()):

@@ -49,7 +49,7 @@ def test_critic_free_methods_raise_the_reward(method, tmp_path, parity_models, d
     policy, reward = parity_models
     every_step = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
                   '{"dirpath": "checkpoints", "save_last": true, "save_top_k": 0, "every_n_train_steps": 1}}]')
-    df = run([method], tmp_path, policy, reward, data_root, "--trainer.max_epochs", "4",
+    df = run([f"rlhf/{method}"], tmp_path, policy, reward, data_root, "--trainer.max_epochs", "4",
              "--model.optimizer.init_args.lr", "1e-2", "--trainer.callbacks", every_step)  # fmt: skip
     scores = df["objective/scores"].tolist()
     assert len(scores) == 8
@@ -66,7 +66,7 @@ def test_critic_free_methods_raise_the_reward(method, tmp_path, parity_models, d
 def test_grpo_lora_override_trains_only_adapters(tmp_path, parity_models, data_root):
     policy, reward = parity_models
     base_before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
-    run(["grpo", "lora/grpo_rloo"], tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
+    run(["rlhf/grpo", "lora/grpo_rloo"], tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
     module = GRPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.trainable_params["policy"] == sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" in n)
     assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n), "adapters did not train"

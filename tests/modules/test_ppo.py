@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import config_args
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -25,7 +26,7 @@ CSV_ONLY = '[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": 
 
 def run_ppo(config: str, root: Path, policy: Path, reward: Path, data_root: Path, *extra: str) -> pd.DataFrame:
     main([
-        "fit", "--config", f"configs/{config}.yaml",
+        "fit", *config_args(config),
         "--trainer.default_root_dir", str(root),
         "--trainer.logger", CSV_ONLY,
         "--trainer.enable_progress_bar", "false",

@@ -24,7 +24,7 @@ from lit_rlhf.modules.reward_model import (
     transformer_blocks,
 )
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "reward_model.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rlhf" / "reward_model.yaml"
 CPU_CONFIG = CONFIG.parent / "cpu" / "reward_model.yaml"
 
 

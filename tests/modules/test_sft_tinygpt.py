@@ -1,4 +1,4 @@
-"""SFT through the CLI and configs/sft_tinygpt.yaml, from a TinyGPT checkpoint, on a text whose
+"""SFT through the CLI and configs/tinygpt/sft.yaml, from a TinyGPT checkpoint, on a text whose
 answers are learnable in a few dozen steps (the alphabet: each answer continues its instruction)."""
 
 import json
@@ -28,7 +28,7 @@ def test_sft_learns_answers_from_a_checkpoint(tmp_path, monkeypatch, tinygpt_che
     main(
         [
             "fit",
-            "--config", "configs/sft_tinygpt.yaml",
+            "--config", "configs/tinygpt/sft.yaml",
             "--model.init_args.init_from", str(ckpt),
             "--data.path", str(tmp_path / "train.txt"),
             "--data.k", "16",

@@ -18,7 +18,7 @@ def fit(root, steps: int) -> None:
     main(
         [
             "fit",
-            "--config", "configs/pretrain_tinygpt.yaml",
+            "--config", "configs/tinygpt/pretrain.yaml",
             "--data.path", "builtin:pydoc-topics",
             "--data.train_chars", "20000",
             "--data.val_chars", "4000",
