@@ -4,7 +4,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from lit_rlhf.text import chat_prompt_ids, pad_sequences
+from lit_rlhf.text import batches_by_length, chat_prompt_ids, pad_sequences
 
 
 @torch.no_grad()
@@ -39,24 +39,24 @@ def generate_responses(
         return_dict_in_generate=True,
         output_logits=return_logprobs,
     )
-    torch.manual_seed(seed)
-    texts, token_ids, logprobs = [], [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        ids = [chat_prompt_ids(tokenizer, p, max_prompt_length)[0] for p in prompts[start : start + batch_size]]
-        input_ids, attention = pad_sequences(ids, tokenizer.pad_token_id, side="left", device=device)
+    encoded = [chat_prompt_ids(tokenizer, p, max_prompt_length)[0] for p in prompts]
+    texts, token_ids, logprobs = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
+    torch.manual_seed(seed)  # the batches' order depends on the prompts alone: every model draws alike
+    for batch in tqdm(batches_by_length([len(ids) for ids in encoded], batch_size), desc=desc, leave=False):
+        input_ids, attention = pad_sequences([encoded[i] for i in batch], tokenizer.pad_token_id, side="left",
+                                             device=device)  # fmt: skip
         width = input_ids.size(1)
         out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
         sampled = out.sequences[:, width:]
         if return_logprobs:
             logits = torch.stack(out.logits, dim=1).float() / (temperature if temperature > 0 else 1.0)
             chosen = torch.log_softmax(logits, dim=-1).gather(2, sampled.unsqueeze(-1)).squeeze(-1).cpu()
-        for i, row in enumerate(sampled.tolist()):
+        for j, (i, row) in enumerate(zip(batch, sampled.tolist())):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            token_ids.append(row)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            token_ids[i], texts[i] = row, tokenizer.decode(row, skip_special_tokens=True).strip()
             if return_logprobs:
-                logprobs.append(chosen[i, : len(row)])
+                logprobs[i] = chosen[j, : len(row)]
     return (texts, token_ids, logprobs) if return_logprobs else (texts, token_ids)
 
 
@@ -76,14 +76,15 @@ def response_logprobs(
     model.eval()
     device = next(model.parameters()).device
     pad, scale = tokenizer.pad_token_id, temperature if temperature > 0 else 1.0
-    result = []
-    for start in range(0, len(prompts), batch_size):
-        pairs = [(chat_prompt_ids(tokenizer, p, max_prompt_length)[0], list(r))
-                 for p, r in zip(prompts[start : start + batch_size], token_ids[start : start + batch_size])]
+    encoded = [(chat_prompt_ids(tokenizer, p, max_prompt_length)[0], list(r)) for p, r in zip(prompts, token_ids)]
+    result = [None] * len(prompts)
+    for batch in batches_by_length([len(q) + len(r) for q, r in encoded], batch_size):
+        pairs = [encoded[i] for i in batch]
         longest = max(max(len(r) for _, r in pairs), 1)
         ids, attention = pad_sequences([q + r for q, r in pairs], pad, side="left", device=device)
         logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
                        use_cache=False, logits_to_keep=longest + 1).logits[:, :-1]  # fmt: skip
         logp = torch.log_softmax(logits.float() / scale, dim=-1).gather(2, ids[:, -longest:].unsqueeze(-1)).squeeze(-1)
-        result += [logp[row, longest - len(r) :].cpu() for row, (_, r) in enumerate(pairs)]
+        for row, (i, (_, r)) in enumerate(zip(batch, pairs)):
+            result[i] = logp[row, longest - len(r) :].cpu()
     return result

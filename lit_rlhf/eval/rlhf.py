@@ -366,20 +366,19 @@ def evaluate(s: EvalSettings) -> EvalResult:
 
 
 def score_with(judge: Judge, prompts: list, records: pd.DataFrame, s: EvalSettings) -> list[float]:
-    """Every model's responses scored by one reward model (loaded for this alone)."""
+    """Every model's responses scored by one reward model (loaded for this alone), in one pass so
+    that responses of similar length share batches whichever model wrote them."""
     tokenizer = load_tokenizer(judge.path, padding_side="right")
     model = load_sequence_scorer(judge.path, tokenizer.pad_token_id, trained_head=True).eval()
     require_tokenizer_fits(model, tokenizer, f"the {judge.role} reward model '{judge.path}'")
-    scores = []
-    for name, group in records.groupby("model", sort=False):
-        values = score_responses(model, tokenizer, prompts, group.response.tolist(), judge.scoring["max_length"],
-                                 s.batch_size, judge.scoring["min_prompt_tokens"])  # fmt: skip
-        if not torch.isfinite(values).all():
-            raise NonFiniteError(
-                f"The {judge.role} reward model '{judge.path}' gave NaN/inf rewards to "
-                f"{int((~torch.isfinite(values)).sum())} of the {len(values)} responses of {name}: its weights are "
-                "broken (a diverged reward-model run?). Evaluate with the best reward-model export, or retrain it "
-                "with a lower learning rate."
-            )
-        scores += values.tolist()
-    return scores
+    scores = score_responses(model, tokenizer, [prompts[i] for i in records.prompt_id], records.response.tolist(),
+                             judge.scoring["max_length"], s.batch_size, judge.scoring["min_prompt_tokens"]).cpu()  # fmt: skip
+    broken = pd.Series((~torch.isfinite(scores)).numpy()).groupby(records.model.to_numpy(), sort=False).agg(["sum", "size"])
+    if broken["sum"].any():
+        name, (count, total) = next((name, row) for name, row in broken.iterrows() if row["sum"])
+        raise NonFiniteError(
+            f"The {judge.role} reward model '{judge.path}' gave NaN/inf rewards to {count} of the {total} "
+            f"responses of {name}: its weights are broken (a diverged reward-model run?). Evaluate with the best "
+            "reward-model export, or retrain it with a lower learning rate."
+        )
+    return scores.tolist()

@@ -2,7 +2,7 @@
 
 import torch
 
-from lit_rlhf.text import encode_prompt_response, pad_sequences
+from lit_rlhf.text import batches_by_length, encode_prompt_response, pad_sequences
 
 
 @torch.no_grad()
@@ -17,16 +17,15 @@ def score_responses(
     tokenizer is scored correctly) and cut as in training (`encode_prompt_response`; pass the
     export's `max_length` / `min_prompt_tokens`, `artifacts.reward_model_scoring`): long prompts
     lose their start; the response is cut at its end only to leave `min_prompt_tokens` for the prompt.
-    The batch is right-padded and the model reads its reward at the last non-pad token.
+    Batches are right-padded, rows of similar length together, and the model reads its reward at the
+    last non-pad token.
     """
     device = next(reward_model.parameters()).device
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        sequences = [
-            encode_prompt_response(tokenizer, p, r, max_length, min_prompt_tokens)[0]
-            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
-        ]
-        input_ids, attention_mask = pad_sequences(sequences, tokenizer.pad_token_id, side="right", device=device)
-        out = reward_model(input_ids=input_ids, attention_mask=attention_mask)
-        scores.append(out.logits[:, 0].float())
-    return torch.cat(scores)
+    sequences = [encode_prompt_response(tokenizer, p, r, max_length, min_prompt_tokens)[0]
+                 for p, r in zip(prompts, responses)]  # fmt: skip
+    scores = torch.empty(len(sequences), device=device)
+    for batch in batches_by_length([len(s) for s in sequences], batch_size):
+        input_ids, attention_mask = pad_sequences([sequences[i] for i in batch], tokenizer.pad_token_id,
+                                                  side="right", device=device)  # fmt: skip
+        scores[batch] = reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    return scores

@@ -21,6 +21,9 @@ from lit_rlhf.eval.generation import generate_responses, response_logprobs
 from lit_rlhf.eval.kl_monitor import interpret_kl
 from lit_rlhf.eval.rlhf_report import seconds_text
 from lit_rlhf.eval.stats import bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
+from lit_rlhf.models.hf import load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.scoring import score_responses
+from lit_rlhf.text import batches_by_length
 from ppo_fixtures import make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,8 +245,8 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
             "--policies", json.dumps({"PPO (full)": str(full)}), "--eval_prompts", str(prompt_file), "--min_prompts", "12",
             "--max_new_tokens", "4", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"]
     evaluate.main([*args, "--out_dir", str(tmp_path / "as_trained")])
-    assert [c[1:] for c in calls] == [(96, 24), (96, 24)]
-    assert calls[0][0][5] == prompts[5]["prompt"]  # scored as the conversation it is
+    assert [c[1:] for c in calls] == [(96, 24)]  # one pass over the base model's and the policy's responses
+    assert len(calls[0][0]) == 2 * 12 and calls[0][0][5] == calls[0][0][12 + 5] == prompts[5]["prompt"]  # as the conversation it is
     report = (tmp_path / "as_trained" / "report.md").read_text()
     assert "reading at most 96 tokens with at least 24 for the prompt (as it was trained)" in report
     assert "Warning: 3 evaluation prompts share a message tree with the training reward model's training" in report
@@ -257,7 +260,7 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
     (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24},
                                                           "trained_on": {"message_tree_ids": ["99"]}}))
     evaluate.main([*args, "--out_dir", str(tmp_path / "override"), "--reward_max_length", "128"])
-    assert [c[1:] for c in calls] == [(128, 24), (128, 24)]
+    assert [c[1:] for c in calls] == [(128, 24)]
     assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
         capsys.readouterr().out)
     report = (tmp_path / "override" / "report.md").read_text()
@@ -340,3 +343,19 @@ def test_generation_returns_the_log_probs_a_forward_pass_gives(tiny_llama_dir):
         assert own.shape == (len(tokens),)
         torch.testing.assert_close(own, again, atol=1e-5, rtol=0)
     assert (torch.cat(logprobs) < 0).all()
+
+
+def test_scores_come_back_in_order_whatever_the_batching(tmp_path, smol_tokenizer_dir):
+    """Scoring batches rows of similar length together (less padding) and puts each score back at its row."""
+    assert batches_by_length([3, 9, 1, 7, 5], 2) == [[2, 0], [4, 3], [1]]
+    folder = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
+    tokenizer = load_tokenizer(str(folder), padding_side="right")
+    model = load_sequence_scorer(str(folder), tokenizer.pad_token_id, trained_head=True).eval()
+    prompts = ["Hi.", "Tell me a long story about " + "a dog and a cat " * 6, [{"role": "user", "content": "2+2?"}],
+               "What is the capital of France?", "Why?"]  # fmt: skip
+    responses = ["Hello there, friend.", "Once.", "4", "Paris is the capital of France " * 3, "Because."]
+    batched = score_responses(model, tokenizer, prompts, responses, 96, batch_size=2, min_prompt_tokens=24)
+    alone = torch.cat([score_responses(model, tokenizer, [p], [r], 96, batch_size=1, min_prompt_tokens=24)
+                       for p, r in zip(prompts, responses)])  # fmt: skip
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    assert batched.unique().numel() > 1  # the rows really differ: an order mix-up would show
