@@ -25,7 +25,7 @@ from lit_rlhf.modules.reward_model import (
 )
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rlhf" / "reward_model.yaml"
-CPU_CONFIG = CONFIG.parent / "cpu" / "reward_model.yaml"
+CPU_CONFIG = CONFIG.parents[1] / "cpu" / "reward_model.yaml"
 
 
 @pytest.fixture(scope="module")
