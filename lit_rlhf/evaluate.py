@@ -7,7 +7,7 @@
 
 Generates responses to the unseen prompts held out by the first policy run (or `--eval_prompts`),
 with the same seed and decoding for every model, scores them with the training and judge reward
-models, and writes under `out_dir`: `rewards.csv` (one row per prompt and model), `summary.json`,
+models, and writes under `out_dir`: `rewards.csv` (one row per answer: model, prompt, sample), `summary.json`,
 `kl.png`, the human-evaluation tables and `report.md`; the same results go to an offline W&B run in
 `out_dir/wandb`. `out_dir` is created only once every reward is in and finite.
 """

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from jsonargparse.typing import PositiveInt
 from peft import PeftModel, get_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors import SafetensorError
@@ -46,7 +47,9 @@ class EvalSettings:
     message trees, is a second opinion the policies never saw. `reward_max_length`: null scores with
     the max length each reward model was trained with (its export record); a value overrides it,
     with a warning when it differs. `eval_prompts`: a JSONL of `prompt, message_id, message_tree_id`
-    rows (default: the one the first policy run wrote)."""
+    rows (default: the one the first policy run wrote). `samples_per_prompt`: answers sampled per
+    prompt and model; a prompt's reward is the mean of its answers', which narrows the intervals by
+    the sampling noise while they still resample prompts."""
 
     reward_model: str = "runs/reward_model/reward_model"
     judge_reward_model: str | None = None
@@ -58,6 +61,7 @@ class EvalSettings:
     min_prompts: int = 50
     max_new_tokens: int = 128
     temperature: float = 0.7
+    samples_per_prompt: PositiveInt = 1
     max_prompt_length: int = 256
     reward_max_length: int | None = None
     batch_size: int = 16
@@ -275,26 +279,30 @@ def training_cost(run: str) -> dict:
 
 
 def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> dict[str, dict]:
-    """Per model: mean rewards and, for policies, gains (raw and length-controlled) under each judge."""
+    """Per model: mean rewards and, for policies, gains (raw and length-controlled) under each judge,
+    all on per-prompt means (one value per prompt and model, whatever `samples_per_prompt`)."""
     summary, ci = {}, {"n_resamples": s.bootstrap_resamples, "seed": s.seed}
-    residuals = {j.role: length_residuals(records[f"{j.role}_reward"], records.length) for j in judges}
-    base_rows = (records.model == BASE).to_numpy()
+    scores = records[["model", "prompt_id"]].copy()
+    for j in judges:
+        scores[j.role] = records[f"{j.role}_reward"].to_numpy(float)
+        scores[f"{j.role}_residual"] = length_residuals(records[f"{j.role}_reward"], records.length)
+    per_prompt = scores.groupby(["model", "prompt_id"], sort=False).mean()
+    base = per_prompt.loc[BASE]
     for model, group in records.groupby("model", sort=False):
-        rows = (records.model == model).to_numpy()
+        prompts = per_prompt.loc[model].reindex(base.index)
         entry = {"mean_length": float(group.length.mean()), "truncated_share": float(group.truncated.mean()),
                  "repetition": float(group.repetition.mean())}
         for judge in judges:
             key = "" if judge.role == "training" else "judge_"
-            values = group[f"{judge.role}_reward"].to_numpy(float)
+            values, residuals = prompts[judge.role].to_numpy(), prompts[f"{judge.role}_residual"].to_numpy()
             entry[f"{key}mean_reward"] = asdict(bootstrap_mean_ci(values, **ci))
             if model != BASE:
-                base = records[f"{judge.role}_reward"].to_numpy(float)[base_rows]
-                entry[f"{key}reward_gain"] = asdict(paired_gain_ci(values, base, **ci))
+                entry[f"{key}reward_gain"] = asdict(paired_gain_ci(values, base[judge.role].to_numpy(), **ci))
                 entry[f"{key}length_controlled_gain"] = asdict(
-                    paired_gain_ci(residuals[judge.role][rows], residuals[judge.role][base_rows], **ci))
-                entry[f"{key}win_rate"] = win_rate(values, base)
+                    paired_gain_ci(residuals, base[f"{judge.role}_residual"].to_numpy(), **ci))
+                entry[f"{key}win_rate"] = win_rate(values, base[judge.role].to_numpy())
         if model != BASE:
-            entry["length_change"] = float(group.length.mean() - records[base_rows].length.mean())
+            entry["length_change"] = float(group.length.mean() - records[records.model == BASE].length.mean())
             entry["kl_to_base"] = float(group.kl_sum.sum() / max(group.length.sum(), 1))
             entry["training"] = training_cost(s.policies[model])
         summary[model] = entry
@@ -328,27 +336,28 @@ def evaluate(s: EvalSettings) -> EvalResult:
     require_tokenizer_fits(base_model, base_tokenizer, BASE)
     rng = np.random.default_rng(s.human_eval_seed)
     human_ids = sorted(rng.choice(len(texts), size=min(s.human_eval_prompts, len(texts)), replace=False).tolist())
+    asked = [(i, k) for i in range(len(prompts)) for k in range(s.samples_per_prompt)]  # (prompt, sample)
     records, human = [], {}
     for name in [BASE, *s.policies]:
         model, tokenizer = (base_model, base_tokenizer) if name == BASE else load_policy(s.base_model, s.policies[name])
         require_tokenizer_fits(model, tokenizer, name)
         # k1 KL on the policy's own samples, both log-probs at the sampling temperature
         responses, token_ids, own = generate_responses(
-            model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
+            model, tokenizer, [prompts[i] for i, _ in asked], s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
             desc=f"generating ({name})", return_logprobs=True,
         )
-        kl_sums = [0.0] * len(prompts)
+        kl_sums = [0.0] * len(asked)
         if name != BASE:
-            ref = response_logprobs(base_model, base_tokenizer, prompts, token_ids, s.temperature, s.max_prompt_length,
+            ref = response_logprobs(base_model, base_tokenizer, [prompts[i] for i, _ in asked], token_ids, s.temperature, s.max_prompt_length,
                                     s.batch_size)  # fmt: skip
             kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]
             del model
             gc.collect()
-        for i, (response, ids) in enumerate(zip(responses, token_ids)):
-            records.append({"model": name, "prompt_id": i, "prompt": texts[i], "response": response, "length": len(ids),
-                            "truncated": is_truncated(ids, s.max_new_tokens), "repetition": repetition_rate(ids),
-                            "kl_sum": kl_sums[i]})  # fmt: skip
-        human[name] = [{"prompt": texts[i], "response": responses[i]} for i in human_ids]
+        for (i, k), response, ids, kl_sum in zip(asked, responses, token_ids, kl_sums):
+            records.append({"model": name, "prompt_id": i, "sample": k, "prompt": texts[i], "response": response,
+                            "length": len(ids), "truncated": is_truncated(ids, s.max_new_tokens),
+                            "repetition": repetition_rate(ids), "kl_sum": kl_sum})  # fmt: skip
+        human[name] = [{"prompt": texts[i], "response": responses[i * s.samples_per_prompt]} for i in human_ids]
     del base_model
     records = pd.DataFrame(records)
     for judge in judges:

@@ -45,6 +45,10 @@ def behaviour_table(result: EvalResult) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
+def answers(count: int) -> str:
+    return "one sampled answer" if count == 1 else f"{count} sampled answers"
+
+
 def seconds_text(cost: dict) -> str:
     if "seconds_per_iteration" in cost:
         return f"{cost['seconds_per_iteration']:.1f}"
@@ -94,11 +98,12 @@ def write_report(result: EvalResult, out: Path, kl_png: Path | None, human_md: P
         f"## Reward on {records.prompt_id.nunique()} unseen prompts",
         "",
         f"Same seed ({s.seed}) and decoding for every model: temperature {s.temperature}, top_k 0, top_p 1, "
-        f"up to {s.max_new_tokens} new tokens. Reward models: {judges}. The judge (when given) was trained on other "
-        "message trees and never optimised against. Intervals: 95% percentile bootstrap over prompts (paired for "
-        "gains); ties count half in win rates. Length-controlled gain: the gain of the rewards' residuals after a "
-        "straight-line fit of reward on response length over all responses. KL to base: per-token k1 estimate on "
-        "each policy's own samples at the sampling temperature. Truncated share: responses that did not end within "
+        f"up to {s.max_new_tokens} new tokens, {answers(s.samples_per_prompt)} per prompt. Reward models: {judges}. "
+        "The judge (when given) was trained on other message trees and never optimised against. Intervals: 95% "
+        "percentile bootstrap over prompts (paired for gains) of each prompt's mean over its answers; ties count "
+        "half in win rates. Length-controlled gain: the gain of the rewards' residuals after a straight-line fit "
+        "of reward on response length over all responses. KL to base: per-token k1 estimate on each policy's own "
+        "samples at the sampling temperature. Truncated share: responses that did not end within "
         f"{s.max_new_tokens} new tokens, scored unfinished.",
         "",
         *[overlap_text(j) for j in result.judges],
@@ -117,7 +122,7 @@ def write_report(result: EvalResult, out: Path, kl_png: Path | None, human_md: P
     sections += ["## Manual evaluation", "", human_md.read_text(encoding="utf-8"),
                  "Give the ratings with `python -m lit_rlhf.eval.human_ratings rate --eval_dir "
                  f"{out}` (resumable), then rebuild this report or read `human_ratings.md`.", ""]
-    sample = records[records.prompt_id < 3]
+    sample = records[(records.prompt_id < 3) & (records["sample"] == 0)]
     sections += ["## Sample generations", "",
                  markdown_table(["Prompt", "Model", "Reward", "Response"],
                                 [[r.prompt, r.model, f"{r.training_reward:.3f}", r.response] for r in sample.itertuples()]), ""]

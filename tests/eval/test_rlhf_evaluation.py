@@ -304,21 +304,50 @@ def test_length_controlled_gain_removes_a_gain_that_is_only_length():
 
 
 def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tmp_path):
-    """Any number of policies, each with its KL to the base on its own samples: 0 for the base itself."""
+    """Any number of policies, each with its KL to the base on its own samples: 0 for the base itself;
+    with two answers per prompt, two different samples of each prompt are scored."""
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
     evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
                    "--judge_reward_model", str(reward), "--base_model", str(base),
                    "--policies", json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
                    "--eval_prompts", str(full / "eval_prompts.jsonl"), "--out_dir", str(out), "--max_new_tokens", "5",
-                   "--batch_size", "25", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"])  # fmt: skip
+                   "--batch_size", "25", "--bootstrap_resamples", "200", "--human_eval_prompts", "1",
+                   "--samples_per_prompt", "2"])  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["Same as base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert summary["PPO (full)"]["kl_to_base"] > 0.01
+    rewards = pd.read_csv(out / "rewards.csv", keep_default_na=False)
+    assert len(rewards) == 3 * 50 * 2
+    assert all(sorted(group) == [0, 1] for _, group in rewards.groupby(["model", "prompt_id"])["sample"])
+    answers = rewards[rewards.model == "PPO (full)"].pivot(index="prompt_id", columns="sample", values="response")
+    assert (answers[0] != answers[1]).mean() > 0.5  # each answer its own sample, not a copy
+    assert summary["num_prompts"] == 50 and "2 sampled answers per prompt" in (out / "report.md").read_text()
     # the same reward model as judge: the judge's gains are the training gains
     assert summary["PPO (full)"]["judge_reward_gain"] == summary["PPO (full)"]["reward_gain"]
     report = (out / "report.md").read_text()
     assert "Judge-RM gain" in report and "Same as base: per-token KL to the base model" in report
+
+
+def test_gains_compare_per_prompt_means_when_a_prompt_has_several_answers(tmp_path):
+    """Two answers per prompt: the interval resamples the 4 prompts' mean gains, not 8 answers as if
+    they were independent prompts (hand-computed per-prompt means)."""
+    from lit_rlhf.eval.rlhf import BASE, EvalSettings, Judge, summarise
+    from lit_rlhf.eval.stats import paired_gain_ci, win_rate
+
+    base = [0.0, 0.2, 1.0, 0.6, -0.4, 0.0, 0.3, 0.1]  # prompt 0: answers 0.0 and 0.2, prompt 1: 1.0 and 0.6, ...
+    policy = [0.5, 0.1, 1.2, 1.2, -0.6, 0.4, 0.1, 0.3]
+    records = pd.DataFrame({"model": [BASE] * 8 + ["P"] * 8, "prompt_id": [0, 0, 1, 1, 2, 2, 3, 3] * 2,
+                            "sample": [0, 1] * 8, "training_reward": base + policy, "length": [10] * 16,
+                            "truncated": False, "repetition": 0.0, "kl_sum": 0.0})  # fmt: skip
+    settings = EvalSettings(policies={"P": str(tmp_path)}, bootstrap_resamples=2000, seed=3)
+    gain = summarise(records, settings, [Judge("training", "rm", {}, None)])["P"]["reward_gain"]
+    base_means, policy_means = [0.1, 0.8, -0.2, 0.2], [0.3, 1.2, -0.1, 0.2]
+    expected = paired_gain_ci(policy_means, base_means, n_resamples=2000, seed=3)
+    assert gain == pytest.approx({"mean": expected.mean, "low": expected.low, "high": expected.high})
+    assert gain["mean"] == pytest.approx(0.175)
+    assert summarise(records, settings, [Judge("training", "rm", {}, None)])["P"]["win_rate"] == win_rate(
+        policy_means, base_means) == 0.875
 
 
 def test_the_cost_column_says_per_step_for_dpo():
