@@ -15,16 +15,16 @@ models, and writes under `out_dir`: `rewards.csv` (one row per answer: model, pr
 import sys
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 
-from lit_rlhf.cli import resolve_config_args
+from lit_rlhf.cli import LitRLHFParser, resolve_config_args
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.rlhf import EvalSettings, evaluate
 from lit_rlhf.eval.rlhf_report import log_to_wandb, write_outputs
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = ArgumentParser(prog="python -m lit_rlhf.evaluate", description=__doc__)
+    parser = LitRLHFParser(prog="python -m lit_rlhf.evaluate", description=__doc__)  # bad options: one paragraph
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(EvalSettings, nested_key=None)
     cfg = parser.parse_args(resolve_config_args(sys.argv[1:] if argv is None else argv))  # configs/ from any folder

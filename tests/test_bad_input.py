@@ -707,6 +707,13 @@ def test_impossible_numbers_are_refused_with_the_option_name(config, option, val
     assert message == f"lit_rlhf error: {expected} See `lit_rlhf fit --help`."
 
 
+def test_the_evaluation_refuses_impossible_numbers_in_one_line(capsys):
+    message = cli_error(capsys, lambda: evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"),
+                                                       "--samples_per_prompt", "0"]))  # fmt: skip
+    assert message == ("lit_rlhf error: --samples_per_prompt 0: must be greater than 0. "
+                       "See `python -m lit_rlhf.evaluate --help`.")
+
+
 def test_a_run_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
     run = tmp_path / "pretrain_run"
     tinygpt_checkpoint((run / "checkpoints").mkdir(parents=True) or run / "checkpoints" / "last.ckpt")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from jsonargparse.typing import PositiveInt
 from peft import PeftModel, get_peft_model_state_dict
 from peft.utils import load_peft_weights
+from pydantic import PositiveInt
 from safetensors import SafetensorError
 
 from lit_rlhf.artifacts import EVAL_PROMPTS, POLICY, POLICY_ADAPTER, reward_model_info, reward_model_scoring, reward_model_seen
