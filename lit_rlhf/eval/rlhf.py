@@ -48,8 +48,8 @@ class EvalSettings:
     the max length each reward model was trained with (its export record); a value overrides it,
     with a warning when it differs. `eval_prompts`: a JSONL of `prompt, message_id, message_tree_id`
     rows (default: the one the first policy run wrote). `samples_per_prompt`: answers sampled per
-    prompt and model; a prompt's reward is the mean of its answers', which narrows the intervals by
-    the sampling noise while they still resample prompts."""
+    prompt and model; a prompt's reward is their mean, which averages out sampling noise, and the
+    intervals still resample prompts."""
 
     reward_model: str = "runs/reward_model/reward_model"
     judge_reward_model: str | None = None
@@ -337,19 +337,20 @@ def evaluate(s: EvalSettings) -> EvalResult:
     rng = np.random.default_rng(s.human_eval_seed)
     human_ids = sorted(rng.choice(len(texts), size=min(s.human_eval_prompts, len(texts)), replace=False).tolist())
     asked = [(i, k) for i in range(len(prompts)) for k in range(s.samples_per_prompt)]  # (prompt, sample)
+    asked_prompts = [prompts[i] for i, _ in asked]
     records, human = [], {}
     for name in [BASE, *s.policies]:
         model, tokenizer = (base_model, base_tokenizer) if name == BASE else load_policy(s.base_model, s.policies[name])
         require_tokenizer_fits(model, tokenizer, name)
         # k1 KL on the policy's own samples, both log-probs at the sampling temperature
         responses, token_ids, own = generate_responses(
-            model, tokenizer, [prompts[i] for i, _ in asked], s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
+            model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
             desc=f"generating ({name})", return_logprobs=True,
         )
         kl_sums = [0.0] * len(asked)
         if name != BASE:
-            ref = response_logprobs(base_model, base_tokenizer, [prompts[i] for i, _ in asked], token_ids, s.temperature, s.max_prompt_length,
-                                    s.batch_size)  # fmt: skip
+            ref = response_logprobs(base_model, base_tokenizer, asked_prompts, token_ids, s.temperature,
+                                    s.max_prompt_length, s.batch_size)  # fmt: skip
             kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]
             del model
             gc.collect()
