@@ -287,7 +287,7 @@ def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> di
         scores[j.role] = records[f"{j.role}_reward"].to_numpy(float)
         scores[f"{j.role}_residual"] = length_residuals(records[f"{j.role}_reward"], records.length)
     per_prompt = scores.groupby(["model", "prompt_id"], sort=False).mean()
-    base = per_prompt.loc[BASE]
+    base, base_length = per_prompt.loc[BASE], records[records.model == BASE].length.mean()
     for model, group in records.groupby("model", sort=False):
         prompts = per_prompt.loc[model].reindex(base.index)
         entry = {"mean_length": float(group.length.mean()), "truncated_share": float(group.truncated.mean()),
@@ -302,7 +302,7 @@ def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> di
                     paired_gain_ci(residuals, base[f"{judge.role}_residual"].to_numpy(), **ci))
                 entry[f"{key}win_rate"] = win_rate(values, base[judge.role].to_numpy())
         if model != BASE:
-            entry["length_change"] = float(group.length.mean() - records[records.model == BASE].length.mean())
+            entry["length_change"] = float(group.length.mean() - base_length)
             entry["kl_to_base"] = float(group.kl_sum.sum() / max(group.length.sum(), 1))
             entry["training"] = training_cost(s.policies[model])
         summary[model] = entry

@@ -322,10 +322,10 @@ def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tm
     assert all(sorted(group) == [0, 1] for _, group in rewards.groupby(["model", "prompt_id"])["sample"])
     answers = rewards[rewards.model == "PPO (full)"].pivot(index="prompt_id", columns="sample", values="response")
     assert (answers[0] != answers[1]).mean() > 0.5  # each answer its own sample, not a copy
-    assert summary["num_prompts"] == 50 and "2 sampled answers per prompt" in (out / "report.md").read_text()
     # the same reward model as judge: the judge's gains are the training gains
     assert summary["PPO (full)"]["judge_reward_gain"] == summary["PPO (full)"]["reward_gain"]
     report = (out / "report.md").read_text()
+    assert summary["num_prompts"] == 50 and "2 sampled answers per prompt" in report
     assert "Judge-RM gain" in report and "Same as base: per-token KL to the base model" in report
 
 
@@ -341,13 +341,13 @@ def test_gains_compare_per_prompt_means_when_a_prompt_has_several_answers(tmp_pa
                             "sample": [0, 1] * 8, "training_reward": base + policy, "length": [10] * 16,
                             "truncated": False, "repetition": 0.0, "kl_sum": 0.0})  # fmt: skip
     settings = EvalSettings(policies={"P": str(tmp_path)}, bootstrap_resamples=2000, seed=3)
-    gain = summarise(records, settings, [Judge("training", "rm", {}, None)])["P"]["reward_gain"]
+    summary = summarise(records, settings, [Judge("training", "rm", {}, None)])["P"]
+    gain = summary["reward_gain"]
     base_means, policy_means = [0.1, 0.8, -0.2, 0.2], [0.3, 1.2, -0.1, 0.2]
     expected = paired_gain_ci(policy_means, base_means, n_resamples=2000, seed=3)
     assert gain == pytest.approx({"mean": expected.mean, "low": expected.low, "high": expected.high})
     assert gain["mean"] == pytest.approx(0.175)
-    assert summarise(records, settings, [Judge("training", "rm", {}, None)])["P"]["win_rate"] == win_rate(
-        policy_means, base_means) == 0.875
+    assert summary["win_rate"] == win_rate(policy_means, base_means) == 0.875
 
 
 def test_the_cost_column_says_per_step_for_dpo():
