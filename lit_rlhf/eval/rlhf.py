@@ -49,7 +49,10 @@ class EvalSettings:
     with a warning when it differs. `eval_prompts`: a JSONL of `prompt, message_id, message_tree_id`
     rows (default: the one the first policy run wrote). `samples_per_prompt`: answers sampled per
     prompt and model; a prompt's reward is their mean, which averages out sampling noise, and the
-    intervals still resample prompts."""
+    intervals still resample prompts. `batch_size`: sequences per forward pass when measuring KL
+    and scoring; `generation_batch_size` (default: `batch_size`): prompts per `generate` call, where
+    larger batches pay off on CPU (64 new tokens for 64 prompts: 1.45x the throughput of 16) while
+    the padded full-sequence passes do not."""
 
     reward_model: str = "runs/reward_model/reward_model"
     judge_reward_model: str | None = None
@@ -64,7 +67,8 @@ class EvalSettings:
     samples_per_prompt: PositiveInt = 1
     max_prompt_length: int = 256
     reward_max_length: int | None = None
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
+    generation_batch_size: PositiveInt | None = None
     seed: int = 1234
     human_eval_prompts: int = 3
     human_eval_seed: int = 7
@@ -344,7 +348,8 @@ def evaluate(s: EvalSettings) -> EvalResult:
         require_tokenizer_fits(model, tokenizer, name)
         # k1 KL on the policy's own samples, both log-probs at the sampling temperature
         responses, token_ids, own = generate_responses(
-            model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed, s.batch_size, s.max_prompt_length,
+            model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed, s.generation_batch_size or s.batch_size,
+            s.max_prompt_length,
             desc=f"generating ({name})", return_logprobs=True,
         )
         kl_sums = [0.0] * len(asked)
