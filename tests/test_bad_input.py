@@ -707,10 +707,11 @@ def test_impossible_numbers_are_refused_with_the_option_name(config, option, val
     assert message == f"lit_rlhf error: {expected} See `lit_rlhf fit --help`."
 
 
-def test_the_evaluation_refuses_impossible_numbers_in_one_line(capsys):
+@pytest.mark.parametrize("option", ["--samples_per_prompt", "--batch_size", "--generation_batch_size"])
+def test_the_evaluation_refuses_impossible_numbers_in_one_line(option, capsys):
     message = cli_error(capsys, lambda: evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"),
-                                                       "--samples_per_prompt", "0"]))  # fmt: skip
-    assert message == ("lit_rlhf error: --samples_per_prompt 0: must be greater than 0. "
+                                                       option, "0"]))  # fmt: skip
+    assert message == (f"lit_rlhf error: {option} 0: must be greater than 0. "
                        "See `python -m lit_rlhf.evaluate --help`.")
 
 

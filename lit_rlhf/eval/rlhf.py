@@ -348,9 +348,8 @@ def evaluate(s: EvalSettings) -> EvalResult:
         require_tokenizer_fits(model, tokenizer, name)
         # k1 KL on the policy's own samples, both log-probs at the sampling temperature
         responses, token_ids, own = generate_responses(
-            model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed, s.generation_batch_size or s.batch_size,
-            s.max_prompt_length,
-            desc=f"generating ({name})", return_logprobs=True,
+            model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed,
+            s.generation_batch_size or s.batch_size, s.max_prompt_length, desc=f"generating ({name})", return_logprobs=True,
         )
         kl_sums = [0.0] * len(asked)
         if name != BASE:

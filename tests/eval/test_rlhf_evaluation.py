@@ -303,17 +303,28 @@ def test_length_controlled_gain_removes_a_gain_that_is_only_length():
     assert raw_gain > 0.5 and abs(residuals[200:].mean() - residuals[:200].mean()) < 0.01
 
 
-def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tmp_path):
+def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tmp_path, monkeypatch):
     """Any number of policies, each with its KL to the base on its own samples: 0 for the base itself;
-    with two answers per prompt, two different samples of each prompt are scored."""
+    with two answers per prompt, two different samples of each prompt are scored; generation takes
+    its own batch size, the forward passes keep `batch_size`."""
+    from lit_rlhf.eval import rlhf
+
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
+    generation_batches = []
+
+    def spy(*args, **kwargs):
+        generation_batches.append(args[6])
+        return generate_responses(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "generate_responses", spy)
     evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
                    "--judge_reward_model", str(reward), "--base_model", str(base),
                    "--policies", json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
                    "--eval_prompts", str(full / "eval_prompts.jsonl"), "--out_dir", str(out), "--max_new_tokens", "5",
                    "--batch_size", "25", "--bootstrap_resamples", "200", "--human_eval_prompts", "1",
-                   "--samples_per_prompt", "2"])  # fmt: skip
+                   "--samples_per_prompt", "2", "--generation_batch_size", "100"])  # fmt: skip
+    assert generation_batches == [100, 100, 100]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["Same as base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert summary["PPO (full)"]["kl_to_base"] > 0.01
