@@ -311,20 +311,25 @@ def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tm
 
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
-    generation_batches = []
+    generation_batches, kl_batches = [], []
 
-    def spy(*args, **kwargs):
+    def generation_spy(*args, **kwargs):
         generation_batches.append(args[6])
         return generate_responses(*args, **kwargs)
 
-    monkeypatch.setattr(rlhf, "generate_responses", spy)
+    def kl_spy(*args, **kwargs):
+        kl_batches.append(args[6])
+        return response_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "generate_responses", generation_spy)
+    monkeypatch.setattr(rlhf, "response_logprobs", kl_spy)
     evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
                    "--judge_reward_model", str(reward), "--base_model", str(base),
                    "--policies", json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
                    "--eval_prompts", str(full / "eval_prompts.jsonl"), "--out_dir", str(out), "--max_new_tokens", "5",
                    "--batch_size", "25", "--bootstrap_resamples", "200", "--human_eval_prompts", "1",
                    "--samples_per_prompt", "2", "--generation_batch_size", "100"])  # fmt: skip
-    assert generation_batches == [100, 100, 100]
+    assert generation_batches == [100, 100, 100] and kl_batches == [25, 25]  # the base needs no KL pass
     summary = json.loads((out / "summary.json").read_text())
     assert summary["Same as base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert summary["PPO (full)"]["kl_to_base"] > 0.01
