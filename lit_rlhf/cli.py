@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lit_rlhf.callbacks import ProgressLines, RandomStatePerRank, StepsProgressBar
 from lit_rlhf.errors import UserInputError, as_paragraph, not_a_checkpoint_file
+from lit_rlhf.tracking import wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -49,8 +50,8 @@ def place_outputs_under_root(trainer_cfg) -> None:
     """Point every logger `save_dir` and checkpoint `dirpath` at (or under) `default_root_dir`.
 
     A relative folder in a YAML is read relative to the run folder, so one run writes all its
-    files (checkpoints, metrics.csv, W&B offline files in `<root>/wandb`) in one place. With
-    WANDB_MODE=online, W&B loggers go online (Lightning's `offline: true` would force offline mode).
+    files (checkpoints, metrics.csv, W&B offline files in `<root>/wandb`) in one place. Each W&B
+    logger gets W&B's mode explicitly (`lit_rlhf.tracking.wandb_mode`): offline, or WANDB_MODE when set.
     """
     root = Path(trainer_cfg.default_root_dir or "runs/default").expanduser()
     trainer_cfg.default_root_dir = str(root)
@@ -65,8 +66,11 @@ def place_outputs_under_root(trainer_cfg) -> None:
             keys = {key for key in _DIR_ARGS if key in init_args}
             if entry.class_path.endswith("WandbLogger"):  # without a save_dir, W&B writes to ./wandb
                 keys.add("save_dir")
-                if os.environ.get("WANDB_MODE") == "online":  # the user's choice over the configs' offline: true
+                mode = wandb_mode(init_args.get("offline", False))
+                if mode == "online":  # the user's WANDB_MODE over the configs' offline: true
                     init_args["offline"] = False
+                # passed on to wandb.init: Lightning's offline flag alone no longer keeps wandb offline
+                entry["dict_kwargs"] = {**(entry.get("dict_kwargs") or {}), "mode": mode}
             for key in keys:
                 init_args[key] = _under_root(init_args.get(key), root)
 

@@ -21,6 +21,7 @@ from lit_rlhf.cli import LitRLHFParser, resolve_config_args
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.rlhf import EvalSettings, evaluate
 from lit_rlhf.eval.rlhf_report import log_to_wandb, write_outputs
+from lit_rlhf.tracking import wandb_mode
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -30,13 +31,14 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = parser.parse_args(resolve_config_args(sys.argv[1:] if argv is None else argv))  # configs/ from any folder
     settings = EvalSettings(**{k: v for k, v in vars(cfg).items() if k in EvalSettings.__dataclass_fields__})
     try:
+        settings.wandb_mode = settings.wandb_mode or wandb_mode()  # checked before the long evaluation
         result = evaluate(settings)
+        out = Path(settings.out_dir)
+        report = write_outputs(result, out)
+        log_to_wandb(result, out, report)
     except UserInputError as error:
         print(as_paragraph(error), file=sys.stderr)
         sys.exit(2)
-    out = Path(settings.out_dir)
-    report = write_outputs(result, out)
-    log_to_wandb(result, out, report)
     print(f"[lit_rlhf] report: {report}")
     return report
 

@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def offline_env(monkeypatch, tmp_path):
-    """No hub, W&B offline without an account; the embedded model cache stays shared."""
+    """No hub; W&B files in the test's folder. WANDB_MODE stays the user's (unset: the project's own
+    offline default is what the tests see); the embedded model cache stays shared."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     torch.manual_seed(0)

@@ -33,6 +33,7 @@ from lit_rlhf.eval.gan_metrics import (
 from lit_rlhf.modules.dcgan import DCGAN, image_grid, plot_domain_fd_curve
 from lit_rlhf.modules.medmnist_classifier import load_classifier
 from lit_rlhf.tables import markdown_table
+from lit_rlhf.tracking import wandb_mode
 
 
 def run_root(ckpt: Path) -> Path:
@@ -215,8 +216,9 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
 
 
 def log_to_wandb(markdown: str, metrics: dict, out: Path, root: Path, flag: str) -> None:
+    mode = wandb_mode()
     logger = WandbLogger(
-        project="lit_rlhf", offline=os.environ.get("WANDB_MODE", "offline") != "online", save_dir=str(root),
+        project="lit_rlhf", offline=mode != "online", mode=mode, save_dir=str(root),
         group="gan_report", tags=["dcgan", "medmnist", flag], name=f"gan_report_{flag}",
     )
     numbers = {f"gan/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,7 @@ class EvalSettings:
     reward_model_run: str | None = None
     data_note: str | None = None
     wandb_project: str = "lit_rlhf"
-    wandb_mode: str = "offline"
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: WANDB_MODE, else offline
 
 
 @dataclass

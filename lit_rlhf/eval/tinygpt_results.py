@@ -20,6 +20,7 @@ import yaml
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.runs import latest_version, read_metrics
 from lit_rlhf.tables import markdown_table
+from lit_rlhf.tracking import wandb_mode
 
 COLUMNS = ["Method", "Final_Train_Loss", "Val_Loss", "Perplexity", "BLEU", "Keyword_Rate", "Notes"]
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         import wandb
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        with wandb.init(project="lit_rlhf", group="tinygpt_results", dir=args.out, mode="offline"):
+        with wandb.init(project="lit_rlhf", group="tinygpt_results", dir=args.out, mode=wandb_mode()):
             paths = write_results(table, args.out)
     else:
         paths = write_results(table, args.out)
