@@ -21,6 +21,7 @@ from nbclient import NotebookClient
 from lit_rlhf import evaluate, pipeline
 from lit_rlhf.callbacks import ProgressLines, StepsProgressBar
 from lit_rlhf.cli import main, override_folders, place_outputs_under_root, stage_configs
+from lit_rlhf.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = [REPO / config for config in stage_configs()]
@@ -137,11 +138,17 @@ def test_wandb_mode_online_in_the_environment_takes_the_wandb_logger_online(monk
     """The configs say `offline: true`, which makes Lightning force W&B's offline mode whatever WANDB_MODE says."""
     trainer = Namespace(default_root_dir="runs/x", logger=[
         Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(offline=True))])
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     place_outputs_under_root(trainer)
     assert trainer.logger[0].init_args.offline is True
+    assert trainer.logger[0]["dict_kwargs"]["mode"] == "offline"  # wandb.init's own argument (see lit_rlhf.tracking)
     monkeypatch.setenv("WANDB_MODE", "online")
     place_outputs_under_root(trainer)
     assert trainer.logger[0].init_args.offline is False
+    assert trainer.logger[0]["dict_kwargs"]["mode"] == "online"
+    monkeypatch.setenv("WANDB_MODE", "offlne")
+    with pytest.raises(UserInputError, match="WANDB_MODE='offlne' is not a W&B mode"):
+        place_outputs_under_root(trainer)
 
 
 def test_placing_outputs_twice_changes_nothing():
