@@ -1,6 +1,6 @@
-"""Every YAML in configs/ parses; run outputs are placed under trainer.default_root_dir; a newcomer's
-first hour: W&B files where they belong, commands from any folder, progress in logs, no library noise,
-help texts."""
+"""Every YAML in configs/ parses, and so does every command the README, docs/ and config headers show; run
+outputs are placed under trainer.default_root_dir; a newcomer's first hour: W&B files where they belong, commands
+from any folder, progress in logs, no library noise, help texts."""
 
 import importlib.util
 import json
@@ -91,7 +91,8 @@ def stack_of(command: tuple[str, ...]) -> tuple[str, ...]:
 
 def shown_config_stacks() -> list[tuple[str, ...]]:
     """The `--config` stacks of the shown commands."""
-    return sorted({tuple(c for flag, c in zip(command, command[1:]) if flag == "--config") for command in shown_commands()})
+    stacks = {tuple(c for flag, c in zip(command, command[1:]) if flag == "--config") for command in shown_commands()}
+    return sorted(stacks)
 
 
 def test_every_override_is_shown_or_run_by_the_pipeline():
