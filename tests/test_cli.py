@@ -129,8 +129,15 @@ def test_every_module_script_and_config_the_docs_name_exists():
             return False
 
     assert sorted(m for m in set(re.findall(r"python -m ([\w.]+)", text)) if not importable(m)) == []
-    files = set(re.findall(r"\b((?:scripts|bench|configs)/[\w/.-]+\.(?:py|yaml))\b", text))
+    files = set(re.findall(r"\b((?:scripts|bench|configs|tests)/[\w/.-]+\.(?:py|yaml))\b", text))
     assert sorted(f for f in files if not (REPO / f).is_file()) == []
+
+
+def test_every_test_the_docs_name_exists():
+    """The bad-input table and the docs name the test behind each claim: a renamed test must rename its row."""
+    named = {name for doc in DOCS for name in re.findall(r"\b(test_\w+)\b(?!\.py)", doc.read_text())}
+    tests = "\n".join(file.read_text() for file in (REPO / "tests").rglob("*.py"))
+    assert sorted(named - set(re.findall(r"def (test_\w+)", tests))) == []
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: p.stem)
