@@ -1,10 +1,12 @@
-"""Every YAML in configs/ parses; run outputs are placed under trainer.default_root_dir; a newcomer's
-first hour: W&B files where they belong, commands from any folder, progress in logs, no library noise,
-help texts."""
+"""Every YAML in configs/ parses, and so does every command the README, docs/ and config headers show; run
+outputs are placed under trainer.default_root_dir; a newcomer's first hour: W&B files where they belong, commands
+from any folder, progress in logs, no library noise, help texts."""
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,16 +37,62 @@ def test_there_is_a_base_config_per_method_grouped_by_project():
     assert [p.stem for p in GPU_NODES] == ["ddp_bf16", "fsdp_llama"]
 
 
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+COMMAND = re.compile(r"python -m (lit_rlhf(?: (?:fit|validate|test|predict)|\.evaluate)) ([^\n`|]*)")
+PLACEHOLDER = re.compile(r"<|\[|\.\.\.|…")  # `<run>`, `[--option]`, `...`: a pattern to fill in, not a command
+
+
+def shown_texts() -> list[tuple[Path, str]]:
+    """The code that the README, docs/*.md and the config headers show: fenced blocks and inline code (its
+    line breaks are spaces) of the documents, each YAML file whole; continuation lines joined."""
+    fence = re.compile(r"^```[^\n]*\n(.*?)^```", flags=re.S | re.M)
+    texts = []
+    for doc in DOCS:
+        text = doc.read_text()
+        texts += [(doc, block) for block in fence.findall(text)]
+        texts += [(doc, span.replace("\n", " ")) for span in re.findall(r"`([^`]+)`", fence.sub("", text))]
+    texts += [(p, p.read_text()) for p in sorted((REPO / "configs").rglob("*.yaml"))]
+    return [(source, re.sub(r"\\\n[#\s]*", " ", text)) for source, text in texts]
+
+
+def shell_variables(source: Path) -> dict[str, str]:
+    """The `NAME=value` assignments of a document (the first wins), so that `$F` in its commands is resolved."""
+    variables = {"LIT_RLHF_DATA": "/data"}
+    for name, value in re.findall(r"(?<![\w$])([A-Z][A-Z0-9_]*)=([^\s#`'\"]+)", source.read_text()):
+        variables.setdefault(name, value)
+    return variables
+
+
+def shown_commands() -> list[tuple[str, ...]]:
+    """Every `python -m lit_rlhf <subcommand>` and `python -m lit_rlhf.evaluate` command shown, as its program
+    and arguments: whole when it is a real command, else its `--config` stack."""
+    commands = set()
+    for source, text in shown_texts():
+        variables = shell_variables(source)
+        for program, args in COMMAND.findall(text):
+            args = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m[1], m[0]), args.split(" #")[0])
+            configs = re.findall(r"(?:--config[ =]|-c )([^\s\[\]]+)", args)
+            if not configs or any(PLACEHOLDER.search(c) for c in configs):
+                continue  # `--config ...`, `configs/<project>/<method>.yaml`: a pattern
+            program, *subcommand = program.split()
+            if PLACEHOLDER.search(args):
+                args = " ".join(f"--config {config}" for config in configs)
+            commands.add((program, *subcommand, *shlex.split(args)))
+    # a bare stack is parsed anyway where a command adds options to it
+    with_options = {stack_of(c) for c in commands if len(stack_of(c)) < len(c)}
+    return sorted(c for c in commands if len(stack_of(c)) < len(c) or c not in with_options)
+
+
+def stack_of(command: tuple[str, ...]) -> tuple[str, ...]:
+    """The program and `--config` pairs of a shown command."""
+    program, *args = command
+    subcommand = [args[0]] if args and not args[0].startswith("-") else []
+    return (program, *subcommand, *[a for flag, c in zip(args, args[1:]) if flag == "--config" for a in (flag, c)])
+
+
 def shown_config_stacks() -> list[tuple[str, ...]]:
-    """The `--config` stacks of every `python -m lit_rlhf <subcommand>` command that the README or a
-    config's header shows (continuation lines joined)."""
-    stacks = set()
-    for text in [(REPO / "README.md").read_text()] + [p.read_text() for p in (REPO / "configs").rglob("*.yaml")]:
-        text = re.sub(r"\\\n[#\s]*", " ", text)
-        for command in re.findall(r"python -m lit_rlhf (?:fit|validate|test|predict) [^\n`|]*", text):
-            configs = tuple(re.findall(r"(?:--config[ =]|-c )(configs/[\w/]+\.yaml)", command))
-            if configs and all("<" not in c for c in configs):
-                stacks.add(configs)
+    """The `--config` stacks of the shown commands."""
+    stacks = {tuple(c for flag, c in zip(command, command[1:]) if flag == "--config") for command in shown_commands()}
     return sorted(stacks)
 
 
@@ -59,11 +107,38 @@ def test_every_override_is_shown_or_run_by_the_pipeline():
     assert overrides - shown == set()
 
 
-@pytest.mark.parametrize("stack", shown_config_stacks(), ids=lambda stack: "+".join(Path(c).stem for c in stack))
-def test_every_config_stack_the_docs_show_parses(stack, capsys):
+@pytest.mark.parametrize("command", shown_commands(), ids=lambda command: " ".join(command[1:])[:150])
+def test_every_command_the_docs_show_parses(command, capsys):
+    """The options, values and config files of every shown command exist (`--print_config` parses, runs nothing)."""
+    program, *args = command
+    assert "$" not in " ".join(args), f"a shell variable that the document does not set: {' '.join(command)}"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *[arg for config in stack for arg in ("--config", str(REPO / config))], "--print_config"])
+        (main if program == "lit_rlhf" else evaluate.main)([*args, "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err
+
+
+def test_every_module_script_and_config_the_docs_name_exists():
+    """`python -m <module>`, scripts and `configs/...yaml` named in the README, docs/*.md or a config header: a
+    renamed module or a moved config fails here, not in a reader's shell."""
+    text = "\n".join(p.read_text() for p in [*DOCS, *sorted((REPO / "configs").rglob("*.yaml"))])
+    text = re.sub(r"\\\n[#\s]*", " ", text)
+
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a missing parent package
+            return False
+
+    assert sorted(m for m in set(re.findall(r"python -m ([\w.]+)", text)) if not importable(m)) == []
+    files = set(re.findall(r"\b((?:scripts|bench|configs|tests)/[\w/.-]+\.(?:py|yaml))\b", text))
+    assert sorted(f for f in files if not (REPO / f).is_file()) == []
+
+
+def test_every_test_the_docs_name_exists():
+    """The bad-input table and the docs name the test behind each claim: a renamed test must rename its row."""
+    named = {name for doc in DOCS for name in re.findall(r"\b(test_\w+)\b(?!\.py)", doc.read_text())}
+    tests = "\n".join(file.read_text() for file in (REPO / "tests").rglob("*.py"))
+    assert sorted(named - set(re.findall(r"def (test_\w+)", tests))) == []
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: p.stem)
