@@ -179,11 +179,24 @@ class StepsProgressBar(RichProgressBar):
 
 
 
+def took_a_step(trainer) -> bool:
+    """No export from a run that never took an optimizer step (e.g. no training batch): its model is
+    the untrained one, and the next stage would accept it."""
+    if trainer.global_step > 0:
+        return True
+    if trainer.is_global_zero:
+        print("[lit_rlhf] nothing exported: the run took no optimizer step (no training batch?), so its model is "
+              "the untrained one.", file=sys.stderr)  # fmt: skip
+    return False
+
+
 class ExportPolicy(Callback):
     """When `fit` ends, the module's final policy -> `<default_root_dir>/policy` (HF folder) or
     `policy_adapter` (peft folder, `lora` modules): PPO, GRPO, RLOO and DPO add it themselves."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if not took_a_step(trainer):
+            return
         if trainer.is_global_zero:
             lora = bool(pl_module.hparams.lora)
             folder = export_policy(pl_module.policy, pl_module.tokenizer, Path(trainer.default_root_dir), lora)
@@ -199,6 +212,8 @@ class ExportBest(Callback):
         self.monitor = monitor
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if not took_a_step(trainer):
+            return
         best = next((cb for cb in trainer.checkpoint_callbacks
                      if getattr(cb, "monitor", None) == self.monitor and cb.best_model_path), None)  # fmt: skip
         pl_module.export_run(best)

@@ -5,11 +5,14 @@ LightningCLI in subclass mode: each YAML picks its LightningModule and Lightning
 with several optimizers or manual optimization configure them the same way as the others.
 """
 
+import difflib
 import importlib
+import inspect
 import logging
 import os
 import pkgutil
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -159,14 +162,78 @@ def one_line_parse_error(message: str) -> str:
     return f"--{'.'.join(keys)} {shown}: {detail}.".replace(" :", ":")
 
 
+_UNKNOWN = re.compile(r"Option '([^']+)' is not accepted")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: --(\S+?)=(\S*)")
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+_NESTED = re.compile(r"NestedArg\(key='([^']*)', val='([^']*)'\)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+_NUMERIC = ("lr", "weight_decay", "eps", "momentum")  # optimizer arguments that take a number
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        init = getattr(importlib.import_module(module), name).__init__
+    except (ImportError, AttributeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in inspect.signature(init).parameters.values() if p.name != "self" and p.kind not in kinds]
+
+
+def _files_setting(option: str, args: list[str]) -> list[str]:
+    """The --config files of this command in which `option:` is written."""
+    files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]
+    files += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+    line = re.compile(rf"^\s*{re.escape(option)}\s*:", re.MULTILINE)
+    return [f for f in files if Path(f).is_file() and line.search(Path(f).read_text(encoding="utf-8"))]
+
+
+def unknown_option_hint(message: str, args: list[str]) -> str | None:
+    """An option the chosen class does not take: where it came from and what was probably meant
+    ('--data.max_lenght' in a config file -> that file and 'max_length'; '--model.lr' -> the optimizer's lr)."""
+    group = next((key for key in _KEY.findall(message) if key != "init_args"), "model")
+    class_path = _CLASS_PATH.search(message)
+    params = _init_parameters(class_path.group(1)) if class_path else []
+    given = _NESTED.search(message) or _UNRECOGNIZED.search(message)
+    if given and given.group(1).rsplit(".", 1)[-1] in _NUMERIC and not _is_number(given.group(2)):
+        # --model.optimizer.init_args.lr fast: jsonargparse reports an unknown argument or a missing class
+        return f"--{group}.{given.group(1)} {given.group(2)}: must be a number, e.g. 3e-4."
+    if _UNRECOGNIZED.search(message):
+        return None
+    unknown = _UNKNOWN.search(message)
+    if not unknown:
+        return None
+    option = unknown.group(1)
+    name = class_path.group(1).rsplit(".", 1)[-1] if class_path else group
+    where = _files_setting(option, args)
+    source = f" (set in {', '.join(where)})" if where else ""
+    optimizers = [p for p in params if p.endswith("optimizer")]  # optimizer, or policy_/value_optimizer
+    if option in ("lr", "learning_rate") and optimizers:
+        where_lr = " or ".join(f"--{group}.{opt}.init_args.lr" for opt in optimizers)
+        fix = f"the learning rate is an argument of the optimizer: {where_lr} (e.g. 3e-4)"
+    else:
+        close = difflib.get_close_matches(option, params, n=1, cutoff=0.6)
+        fix = f"did you mean '{group}.{close[0]}'" if close else f"its options: `{PROG} fit --{group}.help {name}`"
+    return f"--{group}.{option}{source}: {name} has no option '{option}'; {fix}."
+
+
 class LitRLHFParser(LightningArgumentParser):
     """A bad option ends in one paragraph naming it, not the 200-line usage before a nested report."""
+
+    args: list[str] = []  # the command line being parsed (set by `main`), to name the config file of a bad key
 
     def error(self, message: str, ex: Exception | None = None):
         if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
             prog = self.prog.replace(" [options]", "")
-            print(as_paragraph(UserInputError(f"{one_line_parse_error(message)} See `{prog} --help`.")),
-                  file=sys.stderr)  # fmt: skip
+            explained = unknown_option_hint(message, LitRLHFParser.args) or one_line_parse_error(message)
+            print(as_paragraph(UserInputError(f"{explained} See `{prog} --help`.")), file=sys.stderr)
             sys.exit(2)
         super().error(message, ex)
 
@@ -210,7 +277,11 @@ class LitRLHFCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         place_outputs_under_root(config.trainer)
-        check_accelerator(config.trainer.accelerator, config.trainer.precision)
+        check_accelerator(config.trainer.accelerator, config.trainer.precision, config.trainer.devices,
+                          config.trainer.strategy)  # fmt: skip
+        check_ckpt_path(config.get("ckpt_path"))
+        if self.subcommand == "fit":
+            check_trains_something(config.trainer)
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else []
         if any(str(getattr(logger, "class_path", "")).endswith("WandbLogger") for logger in loggers):
             import wandb
@@ -228,7 +299,7 @@ class LitRLHFCLI(LightningCLI):
 
     def _check_ckpt_path(self) -> None:
         """`--ckpt_path last` with no last checkpoint would start from scratch without a word (Lightning
-        only warns); a fresh start is the user's call. A folder is named as one."""
+        only warns); a fresh start is the user's call."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path == "last":
             callbacks = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
@@ -240,14 +311,40 @@ class LitRLHFCLI(LightningCLI):
                     f"'{self.trainer.default_root_dir}'), pass a checkpoint file with --ckpt_path <file>, or leave "
                     "--ckpt_path out to start from scratch."
                 )
-        elif ckpt_path and Path(ckpt_path).expanduser().is_dir():
-            raise not_a_checkpoint_file(ckpt_path, "--ckpt_path")
 
     before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Bad input found once the run started (a data path, an empty dataset) leaves no run behind:
+        Lightning creates `csv/version_N` and the offline W&B run before the data module's `setup`,
+        and `wandb sync runs/*/wandb/offline-run-*` would upload the debris."""
+        root = Path(self.trainer.default_root_dir)
+        before = set(root.rglob("*")) if root.exists() else None
+        try:
+            super()._run_subcommand(subcommand)
+        except UserInputError:
+            if self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                remove_new_outputs(root, before)
+            raise
 
-def check_accelerator(accelerator, precision) -> None:
-    """A GPU asked for on a machine without one: one paragraph. bf16 on a CPU: one warning line."""
+
+def remove_new_outputs(root: Path, before: set[Path] | None) -> None:
+    """Delete what a run that stopped on bad input created under `root` (all of it if `root` is new)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()  # the offline run's files are closed before they go
+    if before is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for path in sorted(set(root.rglob("*")) - before, key=lambda p: len(p.parts)):
+        if path.parent in before or path.parent == root:  # the outermost new paths only
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(True)
+
+
+def check_accelerator(accelerator, precision, devices=None, strategy=None) -> None:
+    """A GPU asked for on a machine without one, fp16 or more processes than cores on a CPU: one
+    paragraph each. bf16 on a CPU: one warning line."""
     name = str(accelerator).lower()
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
         build = (f"a CPU-only build of torch {torch.__version__}" if torch.version.cuda is None
@@ -260,10 +357,56 @@ def check_accelerator(accelerator, precision) -> None:
             "headers."
         )
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    if (name == "cpu" or name == "auto" and no_gpu) and str(precision).startswith("bf16") and rank_zero_only.rank == 0:
+    on_cpu = name == "cpu" or name == "auto" and no_gpu
+    if not on_cpu:
+        return
+    if str(precision).startswith("16"):  # Lightning would silently train in bf16-mixed instead
+        raise UserInputError(
+            f"--trainer.precision {precision}: fp16 mixed precision needs a CUDA GPU; on a CPU Lightning silently "
+            f"switches to bf16-mixed, which runs {CPU_BF16_SLOWDOWN} slower than 32-true here. Use --trainer.precision "
+            "32-true on a CPU (bf16-mixed or 16-mixed on a GPU node)."
+        )
+    processes = int(devices) if str(devices).lstrip("-").isdigit() else 1
+    cores = os.cpu_count() or 1
+    if processes > cores:
+        raise UserInputError(
+            f"--trainer.devices {devices}: {processes} CPU processes ({strategy or 'auto'} strategy) on a machine "
+            f"with {cores} cores would each get less than a core and run slower than one process. Use "
+            f"--trainer.devices 1 on a CPU (or at most {cores}); multi-process training is for GPU nodes "
+            "(configs/scale/)."
+        )
+    if str(precision).startswith("bf16") and rank_zero_only.rank == 0:
         print(f"[lit_rlhf] warning: trainer.precision {precision} on a CPU runs {CPU_BF16_SLOWDOWN} slower than "
               "32-true (bf16 autocast, measured on SmolLM2 steps): use --trainer.precision 32-true on CPUs.",
               file=sys.stderr)  # fmt: skip
+
+
+def check_trains_something(trainer_cfg) -> None:
+    """`fit` with max_steps 0, max_epochs 0 or no training batch would run no optimizer step and
+    still export the untrained model (a random reward head that PPO would accept)."""
+    zero = [f"--trainer.{key} {value}" for key in ("max_steps", "max_epochs", "limit_train_batches")
+            if (value := trainer_cfg.get(key)) is not None and value == 0]  # fmt: skip
+    if zero:
+        raise UserInputError(
+            f"{', '.join(zero)}: this run would take no optimizer step, and its stage would still export an "
+            "untrained model. Give a positive value (--trainer.max_steps -1 lets max_epochs end the run), or use "
+            "`validate`/`test` to measure a model without training it."
+        )
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """A --ckpt_path file that does not exist, checked before any logger creates a run folder."""
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        return
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        raise not_a_checkpoint_file(ckpt_path, "--ckpt_path")
+    if not path.exists():
+        raise UserInputError(
+            f"--ckpt_path '{ckpt_path}' does not exist (resolved to '{path.resolve()}'). Pass an existing checkpoint "
+            "file (e.g. <run folder>/checkpoints/last.ckpt), --ckpt_path last to resume the run in "
+            "--trainer.default_root_dir, or leave --ckpt_path out to start from scratch."
+        )
 
 
 def _no_litlogger_tip(record: logging.LogRecord) -> bool:
@@ -298,7 +441,8 @@ def main(args=None) -> None:
         import_stage_classes()
         if args is None:  # LightningCLI warns when `args` is given beside a command line
             sys.argv[1:] = resolve_config_args(sys.argv[1:])
-        LitRLHFCLI(args=None if args is None else resolve_config_args(args))
+        LitRLHFParser.args = sys.argv[1:] if args is None else resolve_config_args(args)
+        LitRLHFCLI(args=None if args is None else LitRLHFParser.args)
     except Exception as error:
         cause = error  # jsonargparse wraps errors raised in a module's __init__ in its own
         while cause is not None and not isinstance(cause, UserInputError):
