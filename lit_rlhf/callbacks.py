@@ -160,6 +160,29 @@ class ProgressLines(Callback):
             print(f"[lit_rlhf] training done: step {trainer.global_step} in {took}", flush=True)
 
 
+class LogLastStep(Callback):
+    """Lightning logs training metrics every `log_every_n_steps` batches only, so a run shorter than
+    that (or the tail after the last multiple) never reached `metrics.csv` or W&B: the last batch's
+    training metrics are logged when training ends."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        every = trainer.log_every_n_steps
+        if not trainer.loggers or not every or self._batches == 0 or self._batches % every == 0:
+            return
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+                   if not key.startswith("val") and torch.is_tensor(value) and value.numel() == 1}  # fmt: skip
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)  # Lightning's x-axis
+        for logger in trainer.loggers if metrics else []:
+            logger.log_metrics(metrics, step=max(step - 1, 0))
+            logger.save()
+
+
 class StepsProgressBar(RichProgressBar):
     """Lightning's Rich progress bar, labelled "Step k/max_steps" when max_steps ends the run: its
     own label then reads "Epoch 0/-2" (max_epochs is -1)."""

@@ -15,16 +15,18 @@ import re
 import shutil
 import sys
 import warnings
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_rlhf.callbacks import ProgressLines, RandomStatePerRank, StepsProgressBar
+from lit_rlhf.callbacks import LogLastStep, ProgressLines, RandomStatePerRank, StepsProgressBar
 from lit_rlhf.errors import UserInputError, as_paragraph, not_a_checkpoint_file
 from lit_rlhf.tracking import wandb_mode
 
@@ -162,6 +164,10 @@ def one_line_parse_error(message: str) -> str:
     return f"--{'.'.join(keys)} {shown}: {detail}.".replace(" :", ":")
 
 
+class KeepLinesFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Descriptions keep their lines (the config list, docstring examples)."""
+
+
 _UNKNOWN = re.compile(r"Option '([^']+)' is not accepted")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: --(\S+?)=(\S*)")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
@@ -229,6 +235,10 @@ class LitRLHFParser(LightningArgumentParser):
 
     args: list[str] = []  # the command line being parsed (set by `main`), to name the config file of a bad key
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("prog", PROG)  # jsonargparse builds `--model.help`'s parser without one: '__main__.py'
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):
         if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
             prog = self.prog.replace(" [options]", "")
@@ -250,7 +260,7 @@ class LitRLHFCLI(LightningCLI):
             parser_class=LitRLHFParser,
             parser_kwargs={"prog": PROG, "description": _description()},
             trainer_defaults={
-                "callbacks": [RandomStatePerRank(), ProgressLines()],
+                "callbacks": [RandomStatePerRank(), ProgressLines(), LogLastStep()],
                 # checkpoints streamed to disk: Lightning's own save first builds them in memory
                 "plugins": [{"class_path": "lit_rlhf.checkpoint_io.StreamingCheckpointIO"}],
             },
@@ -259,14 +269,7 @@ class LitRLHFCLI(LightningCLI):
         )
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
-        from argparse import RawDescriptionHelpFormatter
-
-        from jsonargparse import DefaultHelpFormatter
-
-        class Formatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
-            """Descriptions keep their lines (the config list, docstring examples)."""
-
-        return super().init_parser(formatter_class=Formatter, **kwargs)
+        return super().init_parser(formatter_class=KeepLinesFormatter, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         # PPO's data module keeps the reward model's training trees out of its evaluation prompts.

@@ -1,4 +1,4 @@
-"""Evaluate the base model and any number of trained policies and write the RLHF report.
+r"""Evaluate the base model and any number of trained policies and write the RLHF report.
 
     python -m lit_rlhf.evaluate --config configs/rlhf/evaluate.yaml [--out_dir ...]
     python -m lit_rlhf.evaluate --config configs/rlhf/evaluate.yaml \
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile
 
-from lit_rlhf.cli import LitRLHFParser, resolve_config_args
+from lit_rlhf.cli import KeepLinesFormatter, LitRLHFParser, resolve_config_args
 from lit_rlhf.errors import UserInputError, as_paragraph
 from lit_rlhf.eval.rlhf import EvalSettings, evaluate
 from lit_rlhf.eval.rlhf_report import log_to_wandb, write_outputs
@@ -25,7 +25,8 @@ from lit_rlhf.tracking import wandb_mode
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = LitRLHFParser(prog="python -m lit_rlhf.evaluate", description=__doc__)  # bad options: one paragraph
+    parser = LitRLHFParser(prog="python -m lit_rlhf.evaluate", description=__doc__,  # bad options: one paragraph
+                           formatter_class=KeepLinesFormatter)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(EvalSettings, nested_key=None)
     cfg = parser.parse_args(resolve_config_args(sys.argv[1:] if argv is None else argv))  # configs/ from any folder

@@ -248,6 +248,8 @@ def test_wandb_files_land_in_root_wandb_and_the_saved_config_says_so(absolute, t
     main(["fit", "--config", "configs/tinygpt/pretrain.yaml", *TINY_RUN, "--trainer.default_root_dir", str(root)])
     assert list((tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "runs" / "tiny" / "runs").exists() and not (tmp_path / "wandb").exists()
+    # 2 steps, logged every 25: the last step's metrics are written when training ends (LogLastStep)
+    assert "train/loss" in (tmp_path / "runs/tiny/csv/version_0/metrics.csv").read_text().splitlines()[0]
     saved = tmp_path / "runs/tiny/csv/version_0/config.yaml"
     loggers = yaml.safe_load(saved.read_text())["trainer"]["logger"]
     assert [logger["init_args"]["save_dir"] for logger in loggers] == [str(root), str(root)]

@@ -42,18 +42,37 @@ JUDGES = ("training", "judge")
 class EvalSettings:
     """What to compare and how.
 
-    `policies` maps a name to a training run folder holding its export (`policy/`, or a LoRA
-    `policy_adapter/` on `base_model`): any number of PPO, GRPO, RLOO or DPO runs. `reward_model`
-    is the training reward model (the policies optimised it); `judge_reward_model`, trained on other
-    message trees, is a second opinion the policies never saw. `reward_max_length`: null scores with
-    the max length each reward model was trained with (its export record); a value overrides it,
-    with a warning when it differs. `eval_prompts`: a JSONL of `prompt, message_id, message_tree_id`
-    rows (default: the one the first policy run wrote). `samples_per_prompt`: answers sampled per
-    prompt and model; a prompt's reward is their mean, which averages out sampling noise, and the
-    intervals still resample prompts. `batch_size`: sequences per forward pass when measuring KL
-    and scoring; `generation_batch_size` (default: `batch_size`): prompts per `generate` call, where
-    larger batches pay off on CPU (64 new tokens for 64 prompts: 1.45x the throughput of 16) while
-    the padded full-sequence passes do not."""
+    Args:
+        reward_model: the training reward model's export folder (the policies optimised it).
+        judge_reward_model: a second reward model, trained on other message trees, that the policies never saw.
+        base_model: the model every policy started from (hub id, local folder or embedded:smollm2).
+        policies: name -> training run folder holding its export (`policy/`, or a LoRA `policy_adapter/` on
+            base_model): any number of PPO, GRPO, RLOO or DPO runs.
+        eval_prompts: JSONL of `prompt, message_id, message_tree_id` rows (default: the first policy run's).
+        out_dir: where report.md, rewards.csv, summary.json, kl.png and the W&B run go.
+        num_prompts: evaluate the first N prompts only (default: all).
+        min_prompts: refuse fewer prompts than this (the intervals would mean little).
+        max_new_tokens: the answer length limit, as the policies were trained.
+        temperature: sampling temperature, as the policies were trained.
+        samples_per_prompt: answers sampled per prompt and model; a prompt's reward is their mean, which averages
+            out sampling noise (the intervals resample prompts).
+        max_prompt_length: prompts are cut to this many tokens, as the policies were trained.
+        reward_max_length: null scores with the max length each reward model was trained with (its export record);
+            a value overrides it, with a warning when it differs.
+        batch_size: sequences per forward pass when measuring KL and scoring.
+        generation_batch_size: prompts per `generate` call (default: batch_size); larger batches pay off on a CPU
+            for generation while the padded full-sequence passes do not.
+        seed: sampling seed, the same for every model.
+        human_eval_prompts: prompts shown in the human-rating tables.
+        human_eval_seed: seed of that choice.
+        kl_low: per-token KL below which a policy reads as "barely moved".
+        kl_high: per-token KL above which a policy reads as "moved far" (reward hacking risk).
+        bootstrap_resamples: resamples of the 95% intervals.
+        reward_model_run: the reward model's training run folder, for its curves in the report.
+        data_note: one line naming the data, printed first in the report.
+        wandb_project: W&B project of the evaluation run.
+        wandb_mode: W&B mode of the evaluation run (default: WANDB_MODE, else offline).
+    """
 
     reward_model: str = "runs/reward_model/reward_model"
     judge_reward_model: str | None = None
@@ -79,7 +98,7 @@ class EvalSettings:
     reward_model_run: str | None = None
     data_note: str | None = None
     wandb_project: str = "lit_rlhf"
-    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: WANDB_MODE, else offline
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
 
 
 @dataclass
