@@ -103,7 +103,7 @@ def missing_columns_error(columns, where: str) -> UserInputError:
     """The error for rows that are no preference pairs: where they are and the columns they lack."""
     columns = set(columns)
     shp_like = bool(columns & {"history", "human_ref_A", "human_ref_B", "labels"})
-    schema, fields = ("SHP's", SHP_FIELDS) if shp_like else ("a preference file's (prompt, chosen, rejected)", PAIR_FIELDS)
+    schema, fields = ("SHP's", SHP_FIELDS) if shp_like else ("a pairs file's (prompt, chosen, rejected)", PAIR_FIELDS)
     return UserInputError(
         f"{where} has columns {sorted(columns)}, which are neither SHP's nor a generic preference file's: it lacks "
         f"the column(s) {[field for field in fields if field not in columns]} of {schema} rows. Rename the columns, "

@@ -80,7 +80,8 @@ def read_source(domain: str, paths: list[str], normalise_row, split_of) -> dict[
                       for file in local_table_files(path, what)[1]]  # fmt: skip
         else:
             hint = f"Pass a local copy as the path of data.sources '{domain}'."
-            tables = [(f"data.sources '{domain}': '{path}' ({split})", split, ds) for split, ds in load_hub_dataset(path, hint).items()]
+            splits_of_hub = load_hub_dataset(path, hint)
+            tables = [(f"data.sources '{domain}': '{path}' ({split})", split, ds) for split, ds in splits_of_hub.items()]
         for where, split, table in tables:
             if set(OASST1_FIELDS) <= set(table.column_names):
                 oasst1_rows += table.to_list()
@@ -122,6 +123,7 @@ def split_source(domain: str, splits: dict[str, list[dict]], val_fraction: float
             splits[split] = [row for row in pool if split_of[row["group"]] == split]
         sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS if s in splits)
         groups = len({row["group"] for row in pool})
-        print(f"[lit_rlhf] source '{domain}': {len(pool)} pairs, split by conversation ({groups}; seed {seed}): {sizes}")
+        print(f"[lit_rlhf] source '{domain}': {len(pool)} pairs, split by conversation ({groups}; seed {seed}): "
+              f"{sizes}")
     return splits
 

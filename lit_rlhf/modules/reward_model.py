@@ -10,6 +10,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from scipy.stats import bootstrap
 from torch import nn
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import CatMetric, MeanMetric, PearsonCorrCoef
 from torchmetrics.classification import BinaryAccuracy
 
 from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
@@ -35,7 +36,8 @@ from lit_rlhf.models.frozen_trunk import (
     unique_rows,
     unsupported_reason,
 )
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.hf import DEFAULT_MODEL, has_odin_head, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.rl.odin import length_disentangle_loss, orthogonality_loss
 from lit_rlhf.tables import log_table, markdown_table, run_dir
 
 # test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
@@ -128,6 +130,12 @@ class RewardModel(LightningModule):
     trainable blocks, the final norm and the head; a sequence in several pairs of a batch runs once.
     Same losses, gradients, metrics and export as without it, only faster.
 
+    `head: odin` trains ODIN's length-disentangled head (`lit_rlhf.rl.odin`): two outputs, a quality
+    and a length reward, whose sum takes the pairwise loss, plus `length_weight` * (|rho(quality,
+    length)| - rho(length reward, length)) over each batch's replies (length: the reply's characters)
+    and `orthogonal_weight` * |cos| of the two head vectors. The export keeps both outputs and records
+    `reward_output`, the one that PPO, GRPO, RLOO and the evaluation score with (`load_sequence_scorer`).
+
     `test` reports accuracy with a 95% interval next to two baselines on the same pairs ("the
     longer reply wins" and the base model's zero-shot mean response log-prob), on all pairs and on
     the pairs whose chosen reply is the shorter / the longer one (console, loggers and
@@ -136,6 +144,11 @@ class RewardModel(LightningModule):
     Args:
         model_name_or_path: hub id, local HF folder (also an exported reward model: its trained
             head is loaded) or `embedded:smollm2`.
+        head: `single` (one scalar reward) or `odin` (quality + length outputs); None: `odin` for
+            an ODIN export, else `single`.
+        length_weight: ODIN's lambda_L, the weight of the length-correlation term.
+        orthogonal_weight: ODIN's lambda_O, the weight of the heads' orthogonality term.
+        reward_output: what the ODIN export's scorers read: `quality` (ODIN's choice) or `sum`.
         trainable_top_blocks: train only the top N blocks + final norm + head (CPU setting);
             None trains everything.
         lora_r: when set, train LoRA adapters (peft) on `lora_target_modules` + the head instead;
@@ -155,6 +168,10 @@ class RewardModel(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         margin: float = 0.0,
         center_rewards_coefficient: float = 0.0,
+        head: Literal["single", "odin"] | None = None,
+        length_weight: float = 1.0,
+        orthogonal_weight: float = 1.0,
+        reward_output: Literal["quality", "sum"] = "quality",
         trainable_top_blocks: int | None = None,
         lora_r: int | None = None,
         lora_alpha: int = 32,
@@ -174,8 +191,9 @@ class RewardModel(LightningModule):
             raise UserInputError("Choose either lora_r or trainable_top_blocks, not both.")
         self.optimizer = optimizer
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="right", trust_remote_code=trust_remote_code)
+        self.odin = head == "odin" if head is not None else has_odin_head(model_name_or_path, trust_remote_code)
         self.model = load_sequence_scorer(
-            model_name_or_path, self.tokenizer.pad_token_id, trust_remote_code=trust_remote_code
+            model_name_or_path, self.tokenizer.pad_token_id, trust_remote_code=trust_remote_code, odin=self.odin
         )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -205,6 +223,8 @@ class RewardModel(LightningModule):
         edges = torch.tensor(score_ratio_edges, dtype=torch.float32)
         self.register_buffer("score_ratio_edges", edges, persistent=False)
         self.val_loss, self.val_margin, self.val_accuracy = MeanMetric(), MeanMetric(), BinaryAccuracy()
+        if self.odin:  # the quality output alone, and both outputs' correlation with the replies' length
+            self.val_quality_accuracy, self.val_length_corr = BinaryAccuracy(), PearsonCorrCoef(num_outputs=2)
         self.test_loss, self.test_margin, self.test_accuracy = MeanMetric(), MeanMetric(), BinaryAccuracy()
         self.test_correct, self.test_score_ratio, self.test_domain_id = (
             CatMetric(), CatMetric(nan_strategy="disable"), CatMetric()
@@ -232,8 +252,9 @@ class RewardModel(LightningModule):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One reward per sequence (fp32). `prompt_tokens` (where each row's response starts) lets
-        rows with the same prompt share its computation in the trainable blocks (trunk cache on)."""
+        """One reward per sequence (fp32; ODIN: [quality, length] per sequence). `prompt_tokens` (where
+        each row's response starts) lets rows with the same prompt share its computation in the
+        trainable blocks (trunk cache on)."""
         if self.trunk_cache is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
         keys = sequence_keys(input_ids, attention_mask)
@@ -254,23 +275,42 @@ class RewardModel(LightningModule):
             return backbone.norm(run_blocks(backbone, hidden, attention_mask, blocks))
         return backbone.norm(run_blocks_sharing_prompts(backbone, hidden, input_ids, attention_mask, prompt_tokens, blocks))
 
-    def _pair_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_outputs(self, batch) -> dict[str, torch.Tensor]:
+        """`loss`, `diff` (chosen minus rejected reward per pair) and `rewards` (per sequence; ODIN:
+        [quality, length], with the loss's `length_term` and `orthogonality`)."""
         rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("prompt_tokens"))
-        chosen, rejected = rewards.chunk(2)
+        chosen, rejected = (rewards.sum(-1) if self.odin else rewards).chunk(2)
         diff = chosen - rejected
         loss = -F.logsigmoid(diff - self.hparams.margin - batch["margin"])
         loss = (loss * batch["weight"]).mean() if "weight" in batch else loss.mean()  # data.balance_length
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
-        return loss, diff
+        out = {"diff": diff, "rewards": rewards}
+        if self.odin:
+            if "response_chars" not in batch:
+                raise UserInputError("head odin needs each reply's length: train it on a PreferenceDataModule.")
+            out["length_term"] = length_disentangle_loss(rewards[:, 0], rewards[:, 1], batch["response_chars"])
+            out["orthogonality"] = orthogonality_loss(self.model.score.weight)
+            loss = loss + self.hparams.length_weight * out["length_term"]
+            loss = loss + self.hparams.orthogonal_weight * out["orthogonality"]
+        out["loss"] = loss
+        return out
+
+    def _pair_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._pair_outputs(batch)
+        return out["loss"], out["diff"]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, diff = self._pair_step(batch)
+        out = self._pair_outputs(batch)
+        loss, diff = out["loss"], out["diff"]
         require_finite("train/loss", loss, self.global_step)
         # sync_dist: under DDP the logged values are those of the global batch
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/accuracy", (diff > 0).float().mean(), sync_dist=True)
         self.log("train/margin", diff.mean(), sync_dist=True)
+        if self.odin:
+            self.log("train/odin_length_term", out["length_term"], sync_dist=True)
+            self.log("train/odin_orthogonality", out["orthogonality"], sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -281,17 +321,28 @@ class RewardModel(LightningModule):
         self._last_batch_end = now
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, diff = self._pair_step(batch)
+        out = self._pair_outputs(batch)
+        loss, diff = out["loss"], out["diff"]
         n = diff.numel()
         self.val_loss.update(loss, weight=n)
         self.val_margin.update(diff)
         self.val_accuracy.update(torch.sigmoid(diff), torch.ones_like(diff, dtype=torch.long))
+        if self.odin:
+            chosen, rejected = out["rewards"][:, 0].chunk(2)
+            self.val_quality_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(diff, dtype=torch.long))
+            self.val_length_corr.update(out["rewards"], batch["response_chars"].float()[:, None].expand(-1, 2))
 
     def on_validation_epoch_end(self) -> None:
         metrics = {"val/loss": self.val_loss, "val/accuracy": self.val_accuracy, "val/margin": self.val_margin}
         self.log_dict({key: metric.compute() for key, metric in metrics.items()}, prog_bar=True)
-        for metric in (self.val_loss, self.val_accuracy, self.val_margin):
+        for metric in metrics.values():
             metric.reset()
+        if self.odin:
+            quality_corr, length_corr = self.val_length_corr.compute()
+            self.log_dict({"val/accuracy_quality": self.val_quality_accuracy.compute(),
+                           "val/length_corr_quality": quality_corr, "val/length_corr_length": length_corr})  # fmt: skip
+            self.val_quality_accuracy.reset()
+            self.val_length_corr.reset()
         self._last_batch_end = None
 
     def _build_trunk_cache(self, *loader_names: str) -> None:
@@ -457,6 +508,7 @@ class RewardModel(LightningModule):
         source = self.hparams.model_name_or_path
         base = reward_model_info(source).get("base_model", source)
         info = {"source": source, "base_model": base, "global_step": self.global_step}
+        info.update({"head": "odin", "reward_output": self.hparams.reward_output} if self.odin else {"head": "single"})
         record = getattr(self.trainer.datamodule, "export_record", None)  # scoring settings, trained_on
         if record is not None:
             info.update(record())
