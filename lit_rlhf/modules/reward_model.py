@@ -43,6 +43,7 @@ from lit_rlhf.tables import log_table, markdown_table, run_dir
 # test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
 METHODS = (("accuracy", "reward model"), ("baseline_longer_reply", "longer reply wins (characters)"),
            ("baseline_zero_shot_logprob", "zero-shot mean log-prob of the base model"))  # fmt: skip
+ODIN_METHODS = (("accuracy_quality", "quality output alone"), ("accuracy_length", "length output alone"))
 SUBSETS = (("", "all pairs"), ("_chosen_shorter", "chosen is the shorter reply"),
            ("_chosen_longer", "chosen is the longer reply"))  # fmt: skip
 
@@ -232,7 +233,8 @@ class RewardModel(LightningModule):
         self.domain_names: dict[int, str] = {}  # domain_id -> name, as the test batches carry them
         # per test pair: the baselines' verdicts (ties count one half), chosen minus rejected characters, its post
         self.test_length_correct, self.test_logprob_correct = CatMetric(), CatMetric()
-        self.test_chars_diff, self.test_post_index = CatMetric(), CatMetric()
+        # per test pair: its replies' characters [chosen, rejected] and rewards [chosen, rejected][output]
+        self.test_chars, self.test_post_index, self.test_rewards = CatMetric(), CatMetric(), CatMetric()
         self._last_batch_end: float | None = None
         self._test_start = 0.0
 
@@ -406,7 +408,8 @@ class RewardModel(LightningModule):
         self._test_start = time.perf_counter()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss, diff = self._pair_step(batch)
+        out = self._pair_outputs(batch)
+        loss, diff = out["loss"], out["diff"]
         self.test_loss.update(loss, weight=diff.numel())
         self.test_margin.update(diff)
         self.test_accuracy.update(torch.sigmoid(diff), torch.ones_like(diff, dtype=torch.long))
@@ -416,7 +419,9 @@ class RewardModel(LightningModule):
         self.domain_names.update(zip(batch["domain_id"].tolist(), batch["domain"]))
         self.test_post_index.update(batch["post_index"].float())
         chars_chosen, chars_rejected = batch["response_chars"].chunk(2)
-        self.test_chars_diff.update((chars_chosen - chars_rejected).float())
+        self.test_chars.update(torch.stack([chars_chosen, chars_rejected], 1).float())
+        rewards = out["rewards"] if self.odin else out["rewards"][:, None]
+        self.test_rewards.update(torch.stack(rewards.chunk(2), 1))
         self.test_length_correct.update(_verdict(chars_chosen.float(), chars_rejected.float()))
         self.test_logprob_correct.update(_verdict(*self.baseline_logprob(batch).chunk(2)))
 
@@ -437,42 +442,58 @@ class RewardModel(LightningModule):
             log_table(self.trainer, "test/reward_model_groups", ["group", "pairs", "accuracy"], rows)
         for metric in (self.test_loss, self.test_accuracy, self.test_margin, self.test_correct,
                        self.test_score_ratio, self.test_domain_id, self.test_length_correct,
-                       self.test_logprob_correct, self.test_chars_diff, self.test_post_index):  # fmt: skip
+                       self.test_logprob_correct, self.test_chars, self.test_post_index,
+                       self.test_rewards):  # fmt: skip
             metric.reset()
         self.domain_names.clear()
 
     def _accuracy_report(self, correct: torch.Tensor) -> dict[str, float]:
-        """Accuracy of the reward model and of both baselines, on all pairs and on the pairs whose chosen
-        reply is the shorter / longer one, each with a 95% interval resampling posts; logged, printed and
-        written to `<default_root_dir>/test_accuracy.md`."""
-        verdicts = [v.cpu().numpy() for v in (correct, self.test_length_correct.compute(), self.test_logprob_correct.compute())]
-        chars, posts = self.test_chars_diff.compute().cpu().numpy(), self.test_post_index.compute().cpu().numpy()
-        masks = [np.ones_like(chars, dtype=bool), chars < 0, chars > 0]
-        metrics, table = {}, []
-        for (prefix, label), values in zip(METHODS, verdicts):
-            cells = [label]
-            for (suffix, _), mask in zip(SUBSETS, masks):
-                if not mask.any():
-                    cells.append("-")
-                    continue
-                mean, low, high = grouped_bootstrap_interval(values[mask], posts[mask])
-                metrics.update({f"test/{prefix}{suffix}": mean, f"test/{prefix}{suffix}_ci_low": low,
-                                f"test/{prefix}{suffix}_ci_high": high})  # fmt: skip
-                cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
-            table.append(cells)
+        """Accuracy of the reward model (ODIN: the sum, then each output alone) and of both baselines,
+        on all pairs and on the pairs whose chosen reply is the shorter / longer one, each with a 95%
+        interval resampling posts (conversations), and each model output's Pearson correlation with
+        the replies' length; over all pairs and per source (`domain`). Logged, printed and written to
+        `<default_root_dir>/test_accuracy.md`."""
+        rewards = self.test_rewards.compute().cpu().numpy()  # [pairs, chosen/rejected, outputs]
+        chars = self.test_chars.compute().cpu().numpy()
+        verdicts = [correct.cpu().numpy(), self.test_length_correct.compute().cpu().numpy(),
+                    self.test_logprob_correct.compute().cpu().numpy()]  # fmt: skip
+        # (metric prefix, label, per-pair verdicts, per-reply rewards or None)
+        label = f"{METHODS[0][1]} (quality + length)" if self.odin else METHODS[0][1]
+        methods = [(METHODS[0][0], label, verdicts[0], rewards.sum(-1))]
+        if self.odin:
+            methods += [(*ODIN_METHODS[i], (rewards[:, 0, i] > rewards[:, 1, i]).astype(float), rewards[..., i])
+                        for i in range(2)]  # fmt: skip
+        methods += [(*method, values, None) for method, values in zip(METHODS[1:], verdicts[1:])]
+        posts, domains = self.test_post_index.compute().cpu().numpy(), self.test_domain_id.compute().cpu().numpy()
+        metrics, tables = {}, []
+        groups = [("", None, np.ones(len(chars), dtype=bool))]
+        groups += [(f"{name}/", name, domains == index) for index, name in sorted(self.domain_names.items())
+                   if index >= 0 and (domains == index).any()]  # fmt: skip
+        for key, name, group in groups:
+            group_metrics, columns, table = _method_table(methods, chars[group], posts[group], group)
+            metrics.update({f"test/{key}{metric}": value for metric, value in group_metrics.items()})
+            counts = [int(group.sum())] + [int(group_metrics[f"pairs{suffix}"]) for suffix, _ in SUBSETS[1:]]
+            tables.append((f"{name} ({counts[0]}: {counts[1]} / {counts[2]})", columns, table))
         metrics.pop("test/accuracy")  # logged from the BinaryAccuracy metric (the same value)
-        for (suffix, _), mask in zip(SUBSETS[1:], masks[1:]):
-            metrics[f"test/pairs{suffix}"] = float(mask.sum())
-        columns = ["method"] + [f"{label} ({int(mask.sum())})" for (_, label), mask in zip(SUBSETS, masks)]
+        _, columns, table = tables[0]
         log_table(self.trainer, "test/reward_model_accuracy", columns, table)
+        text = f"{markdown_table(columns, table)}\n"
+        if len(tables) > 1:
+            rows = [[name, *row] for name, _, table in tables[1:] for row in table]
+            source_columns = ["source (pairs: chosen shorter / longer)", "method",
+                              *(label for _, label in SUBSETS), "Pearson r with length"]  # fmt: skip
+            log_table(self.trainer, "test/reward_model_accuracy_per_source", source_columns, rows)
+            text += f"\n## Per source\n\n{markdown_table(source_columns, rows)}\n"
         if self.trainer.is_global_zero:
             out = run_dir(self.trainer) / "test_accuracy.md"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(
                 f"# Reward model test accuracy ({self.hparams.model_name_or_path}, {len(chars)} held-out pairs)\n\n"
-                f"{markdown_table(columns, table)}\n\nAccuracy [95% interval]: percentile bootstrap (10 000 "
-                "resamples) over posts, a post's pairs resampled together. Ties count one half for the baselines. "
-                "Lengths are the untruncated replies' characters; pairs of equal length are in neither subset.\n",
+                f"{text}\nAccuracy [95% interval]: percentile bootstrap (10 000 resamples) over posts (with several "
+                "sources: conversations), a post's pairs resampled together. Ties count one half for the baselines. "
+                "Lengths are the untruncated replies' characters; pairs of equal length are in neither subset. "
+                "Pearson r: each output's reward against the reply's length, over the chosen and rejected replies "
+                "of the pairs.\n",
                 encoding="utf-8",
             )
         return metrics
@@ -546,3 +567,38 @@ class RewardModel(LightningModule):
 def _verdict(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """1 when a baseline prefers the chosen reply, 0 when the rejected one, 1/2 on a tie."""
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
+def _method_table(methods, chars: np.ndarray, posts: np.ndarray, group: np.ndarray) -> tuple[dict, list, list]:
+    """Metrics and table rows of one group of test pairs: each method's accuracy with its interval on
+    all pairs and the chosen-shorter / chosen-longer subsets, and each model output's Pearson r with
+    the replies' length (`chars` [pairs, chosen/rejected])."""
+    from torchmetrics.functional import pearson_corrcoef
+
+    difference = chars[:, 0] - chars[:, 1]
+    masks = [np.ones(len(difference), dtype=bool), difference < 0, difference > 0]
+    metrics, table = {}, []
+    for prefix, label, values, rewards in methods:
+        values = values[group]
+        cells = [label]
+        for (suffix, _), mask in zip(SUBSETS, masks):
+            if not mask.any():
+                cells.append("-")
+                continue
+            mean, low, high = grouped_bootstrap_interval(values[mask], posts[mask])
+            metrics.update({f"{prefix}{suffix}": mean, f"{prefix}{suffix}_ci_low": low,
+                            f"{prefix}{suffix}_ci_high": high})  # fmt: skip
+            cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+        if rewards is not None and len(difference) > 1:
+            name = "length_corr" + prefix.removeprefix("accuracy")
+            r = pearson_corrcoef(torch.from_numpy(rewards[group].reshape(-1)).double(),
+                                 torch.from_numpy(chars.reshape(-1)).double())  # fmt: skip
+            metrics[name] = float(r)
+            cells.append(f"{float(r):+.3f}")
+        else:
+            cells.append("-")
+        table.append(cells)
+    for (suffix, _), mask in zip(SUBSETS[1:], masks[1:]):
+        metrics[f"pairs{suffix}"] = float(mask.sum())
+    columns = ["method"] + [f"{label} ({int(mask.sum())})" for (_, label), mask in zip(SUBSETS, masks)]
+    return metrics, columns + ["Pearson r with length"], table

@@ -567,3 +567,44 @@ def test_test_run_reports_interval_baselines_and_length_subsets(tmp_path, smol_t
     assert "| reward model | " in table and "| longer reply wins (characters) | " in table
     assert "zero-shot mean log-prob of the base model" in table and "chosen is the shorter reply (4)" in table
     assert f"{metrics['test/baseline_longer_reply']:.3f} [" in table
+    # the reward's Pearson correlation with the replies' length (characters), chosen and rejected replies
+    replies = [reward(ids) for c, r, _, _ in sequences for ids in (c, r)]
+    lengths = [len(row[side]) for row in test for side in ("chosen", "rejected")]
+    assert metrics["test/length_corr"] == pytest.approx(np.corrcoef(replies, lengths)[0, 1], abs=1e-6)
+
+
+def test_odin_test_run_reports_each_output_per_source(tmp_path, smol_tokenizer_dir):
+    folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
+    write_jsonl(tmp_path / "alpha" / "test.jsonl", _length_pairs())
+    write_jsonl(tmp_path / "beta" / "test.jsonl", separable_pairs(6))
+    sources = [{"domain": "alpha", "path": str(tmp_path / "alpha")}, {"domain": "beta", "path": str(tmp_path / "beta")}]
+    model = RewardModel(str(folder), head="odin", trainable_top_blocks=1)  # the trunk cache serves both outputs
+    data = PreferenceDataModule(sources=sources, max_length=64, min_prompt_tokens=16, batch_size=4,
+                                min_score_ratio=None)  # fmt: skip
+    metrics = trainer(tmp_path / "run", max_epochs=1).test(model, data, verbose=False)[0]
+
+    test = data.datasets["test"]
+    with torch.no_grad():
+        outputs = {side: np.array([model.model(input_ids=torch.tensor([ids])).logits[0].tolist()
+                                   for ids in test[f"{side}_ids"]]) for side in ("chosen", "rejected")}  # fmt: skip
+    chars = {side: np.array([len(text) for text in test[side]]) for side in ("chosen", "rejected")}
+    domains = np.array(test["domain"])
+    for key, mask in (("", domains != ""), ("alpha/", domains == "alpha"), ("beta/", domains == "beta")):
+        quality = outputs["chosen"][mask, 0] > outputs["rejected"][mask, 0]
+        total = outputs["chosen"][mask].sum(1) > outputs["rejected"][mask].sum(1)
+        assert metrics[f"test/{key}accuracy_quality"] == pytest.approx(quality.mean(), abs=1e-6)
+        if key:  # overall, `test/accuracy` is the BinaryAccuracy of the sum
+            assert metrics[f"test/{key}accuracy"] == pytest.approx(total.mean(), abs=1e-6)
+        lengths = np.concatenate([chars["chosen"][mask], chars["rejected"][mask]])
+        for index, output in enumerate(("quality", "length")):
+            rewards = np.concatenate([outputs["chosen"][mask, index], outputs["rejected"][mask, index]])
+            expected = np.corrcoef(rewards, lengths)[0, 1]
+            assert metrics[f"test/{key}length_corr_{output}"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["test/accuracy"] == pytest.approx(np.mean(outputs["chosen"].sum(1) > outputs["rejected"].sum(1)))
+    assert metrics["test/alpha/baseline_longer_reply_chosen_shorter"] == 0.0
+    assert metrics["test/alpha/pairs_chosen_shorter"] == 4 and metrics["test/beta/pairs_chosen_longer"] == 6
+    assert {"test/alpha/baseline_zero_shot_logprob_ci_low", "test/beta/accuracy_quality_chosen_longer"} <= set(metrics)
+    report = (tmp_path / "run" / "test_accuracy.md").read_text()
+    assert "| reward model (quality + length) | " in report and "| quality output alone | " in report
+    assert "## Per source" in report and "| alpha (13: 4 / 8) | quality output alone | " in report
+    assert "| beta (6: 0 / 6) | longer reply wins (characters) | 1.000 [" in report
