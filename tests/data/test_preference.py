@@ -1,6 +1,7 @@
 """PreferenceDataModule: SHP schema and generic pairs, splits, filters, chat-template truncation, preview."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,11 +283,13 @@ def test_sources_are_each_split_by_conversation_and_keep_their_domain(tmp_path, 
     assert dm.export_record()["sources"]["hh"] == [str(tmp_path / "hh")]
 
 
-def test_real_sources_split_per_source(data_root, smol_tokenizer_dir, monkeypatch, capsys):
+def test_the_sources_config_reads_the_real_samples_split_per_source(data_root, smol_tokenizer_dir, monkeypatch, capsys):
+    import yaml
+
     monkeypatch.setenv("LIT_RLHF_DATA", str(data_root))
-    sources = [{"domain": "oasst1", "path": ["$LIT_RLHF_DATA/oasst1", "$LIT_RLHF_DATA/oasst1_train_sample"]},
-               {"domain": "hh_helpful", "path": "$LIT_RLHF_DATA/hh_helpful/hh_helpful_pairs.jsonl"},
-               {"domain": "pandalm", "path": "${LIT_RLHF_DATA}/pandalm"}]  # fmt: skip
+    config = Path(__file__).resolve().parents[2] / "configs" / "cpu" / "reward_model_sources.yaml"
+    sources = yaml.safe_load(config.read_text())["data"]["init_args"]["sources"]
+    assert [s["domain"] for s in sources] == ["oasst1", "hh_helpful", "pandalm"]
     dm = PreferenceDataModule(sources=sources, tokenizer_name_or_path=str(smol_tokenizer_dir))
     splits = dm._splits()
     assert {s: len(d) for s, d in splits.items()} == {"train": 3193, "validation": 381, "test": 394}
