@@ -272,11 +272,13 @@ def test_sources_are_each_split_by_conversation_and_keep_their_domain(tmp_path, 
     test = dm.datasets["test"]
     assert all(isinstance(p, list) and p[0]["role"] == "user" for p in test["prompt"])
     panda = [i for i, d in enumerate(test["domain"]) if d == "panda"]
-    assert len({test["post_index"][i] for i in panda}) == len({test["prompt"][i][0]["content"] for i in panda}) < len(panda)
+    instructions = {test["prompt"][i][0]["content"] for i in panda}
+    assert len({test["post_index"][i] for i in panda}) == len(instructions) < len(panda)
     # seeded: the same seed gives the same splits, another seed others
     again = sources_module(tmp_path, smol_tokenizer_dir, seed=1)
     again.prepare()
-    assert {s: list(ds["post_id"]) for s, ds in again.datasets.items()} == {s: list(ds["post_id"]) for s, ds in dm.datasets.items()}
+    posts = {s: list(d["post_id"]) for s, d in dm.datasets.items()}
+    assert {s: list(d["post_id"]) for s, d in again.datasets.items()} == posts
     other = sources_module(tmp_path, smol_tokenizer_dir, seed=2)
     other.prepare(("test",))
     assert set(other.datasets["test"]["post_id"]) != set(dm.datasets["test"]["post_id"])
