@@ -231,9 +231,9 @@ class RewardModel(LightningModule):
             CatMetric(), CatMetric(nan_strategy="disable"), CatMetric()
         )
         self.domain_names: dict[int, str] = {}  # domain_id -> name, as the test batches carry them
-        # per test pair: the baselines' verdicts (ties count one half), chosen minus rejected characters, its post
+        # per test pair: the baselines' verdicts (ties count one half), its replies' characters [chosen, rejected],
+        # its post (conversation) and its rewards [chosen, rejected][output]
         self.test_length_correct, self.test_logprob_correct = CatMetric(), CatMetric()
-        # per test pair: its replies' characters [chosen, rejected] and rewards [chosen, rejected][output]
         self.test_chars, self.test_post_index, self.test_rewards = CatMetric(), CatMetric(), CatMetric()
         self._last_batch_end: float | None = None
         self._test_start = 0.0
