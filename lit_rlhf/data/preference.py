@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lit_rlhf.data.files import load_hub_dataset, read_local_tables
 from lit_rlhf.data.loaders import EpochShuffle, resumable_loader
+from lit_rlhf.data.preference_sources import check_sources, read_source, split_source
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError, is_local_path
 from lit_rlhf.tables import log_table, markdown_table, run_dir
@@ -97,6 +99,18 @@ def _generic_row(row: dict) -> dict:
     }
 
 
+def missing_columns_error(columns, where: str) -> UserInputError:
+    """The error for rows that are no preference pairs: where they are and the columns they lack."""
+    columns = set(columns)
+    shp_like = bool(columns & {"history", "human_ref_A", "human_ref_B", "labels"})
+    schema, fields = ("SHP's", SHP_FIELDS) if shp_like else ("a pairs file's (prompt, chosen, rejected)", PAIR_FIELDS)
+    return UserInputError(
+        f"{where} has columns {sorted(columns)}, which are neither SHP's nor a generic preference file's: it lacks "
+        f"the column(s) {[field for field in fields if field not in columns]} of {schema} rows. Rename the columns, "
+        "or convert oasst1 message rows with scripts/oasst1_to_pairs.py."
+    )
+
+
 def normalise(dataset, path: str, margin_from_score_ratio: float = 0.0):
     """SHP rows or `prompt, chosen, rejected` rows -> prompt, chosen, rejected, post_id,
     message_tree_id ("" when the file has none), domain, score_ratio, margin (a per-pair margin for
@@ -107,12 +121,25 @@ def normalise(dataset, path: str, margin_from_score_ratio: float = 0.0):
     elif set(PAIR_FIELDS) <= columns:
         fn, kind = _generic_row, "prompt/chosen/rejected"
     else:
-        raise UserInputError(
-            f"data.path '{path}' has columns {sorted(columns)}, which are neither SHP's "
-            f"({', '.join(SHP_FIELDS)}) nor a generic preference file's (prompt, chosen, rejected). "
-            "Convert oasst1 message rows with scripts/oasst1_to_pairs.py."
-        )
+        raise missing_columns_error(columns, f"data.path '{path}'")
     return dataset.map(fn, remove_columns=dataset.column_names, desc=f"Reading {kind} pairs", keep_in_memory=True)
+
+
+def normalise_row(row: dict, columns, where: str, margin_from_score_ratio: float = 0.0) -> dict:
+    """`normalise` for one row of a file with these columns (the multi-source reader's)."""
+    if set(SHP_FIELDS) <= set(columns):
+        return _shp_row(row, margin_from_score_ratio)
+    if set(PAIR_FIELDS) <= set(columns):
+        return _generic_row(row)
+    raise missing_columns_error(columns, where)
+
+
+def has_user_turn(prompt) -> bool:
+    """A string prompt, or chat messages with at least one user turn: what the chat template renders
+    as a question (an empty list or assistant-only messages fail deep inside the template)."""
+    if isinstance(prompt, str):
+        return True
+    return any(isinstance(m, dict) and m.get("role") == "user" for m in prompt or [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,15 +236,19 @@ class PostGroupedShuffle(EpochShuffle):
 
 
 class PreferenceDataModule(LightningDataModule):
-    """Preference pairs for `RewardModel`: SHP (hub or local copy) or `prompt, chosen, rejected` files.
+    """Preference pairs for `RewardModel`: SHP (hub or local copy) or `prompt, chosen, rejected` files,
+    from one `path` or from several `sources` at once.
 
     The schema is detected from the columns: SHP's fields (`labels` = 1 means A preferred), or
     `prompt` (a string, or chat messages), `chosen`, `rejected` with optional `post_id`, `domain`,
     `score_ratio`, `margin`. Pipeline, with a count printed for every skip:
 
     1. splits: the source's own train/validation/test when present; missing ones are cut from the
-       train pool by a seeded split of `post_id` (no post in two splits);
+       train pool by a seeded split of `post_id` (no post in two splits). With `sources`, each source
+       is split on its own, by conversation (message tree, else first user turn), and each row
+       keeps its source's name as `domain`, so the test reports every metric per source;
     2. filters: `domains`, `score_ratio >= min_score_ratio` (when the data has score ratios),
+       prompts without a user turn (an empty message list, assistant turns only: skipped),
        empty or identical responses (skipped), at most `max_pairs_per_post` per post (highest
        score ratio first), then seeded subsets of `max_train_pairs` / `max_eval_pairs`;
     3. encoding through the chat template, cut to `max_length` from the prompt's left
@@ -227,6 +258,9 @@ class PreferenceDataModule(LightningDataModule):
 
     Args:
         path: hub id (default `stanfordnlp/SHP`) or a local file/folder.
+        sources: several sources instead of `path`, each `{domain: name, path: file, folder or hub id,
+            or a list of them}` (`$VARS` expanded): oasst1 message rows (their ranked pairs), SHP or
+            `prompt, chosen, rejected` files. Two sources with one domain are refused.
         tokenizer_name_or_path: defaults to the reward model's tokenizer (`model.tokenizer`).
         margin_from_score_ratio: per-pair loss margin = this * log(score_ratio) (SHP only).
         group_by_length: training batches of pairs of similar length (less padding, same pairs
@@ -242,6 +276,7 @@ class PreferenceDataModule(LightningDataModule):
     def __init__(
         self,
         path: str = SHP_HUB_ID,
+        sources: list[dict[str, Any]] | None = None,
         tokenizer_name_or_path: str | None = None,
         max_length: PositiveInt = 512,
         min_prompt_tokens: NonNegativeInt = 64,
@@ -264,6 +299,9 @@ class PreferenceDataModule(LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.sources = check_sources(sources) if sources is not None else None
+        if self.sources and path != SHP_HUB_ID:
+            raise UserInputError(f"Set data.path ('{path}') or data.sources, not both: sources replace the path.")
         self.datasets: dict = {}
         self.length_stats: dict[str, dict] = {}
         self.domains: list[str] = []
@@ -291,6 +329,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def _splits(self) -> dict:
         hp = self.hparams
+        if self.sources:
+            return self._source_splits()
         source = read_preference_source(hp.path)
         splits = {split: normalise(ds, hp.path, hp.margin_from_score_ratio) for split, ds in source.items()}
         unknown = set(splits) - set(SPLITS)
@@ -311,6 +351,19 @@ class PreferenceDataModule(LightningDataModule):
             print(f"[lit_rlhf] split '{hp.path}' by post_id (seed {hp.seed}): {sizes}")
         return splits
 
+    def _source_splits(self) -> dict:
+        """Every source read and split on its own, then the splits of all sources together."""
+        from datasets import Dataset
+
+        hp = self.hparams
+        normalise = partial(normalise_row, margin_from_score_ratio=hp.margin_from_score_ratio)
+        merged: dict[str, list[dict]] = {}
+        for source in self.sources:
+            rows = read_source(source["domain"], source["paths"], normalise, _split_of)
+            for split, part in split_source(source["domain"], rows, hp.val_fraction, hp.test_fraction, hp.seed).items():
+                merged.setdefault(split, []).extend(part)
+        return {split: Dataset.from_list(rows) for split, rows in merged.items() if rows}
+
     def _filter(self, dataset, split: str) -> tuple:
         hp = self.hparams
         stats: Counter = Counter({"read": len(dataset)})
@@ -327,6 +380,7 @@ class PreferenceDataModule(LightningDataModule):
                 raise UserInputError(f"data.domains is set but '{hp.path}' has no domain column.")
             wanted = {d.lower() for d in hp.domains}
             keep(lambda row: row["domain"].lower() in wanted, f"domain not in {sorted(wanted)}")
+        keep(lambda row: has_user_turn(row["prompt"]), "prompt without a user turn")
         if hp.min_score_ratio is not None:
             keep(lambda row: math.isnan(row["score_ratio"]) or row["score_ratio"] >= hp.min_score_ratio,
                  f"score_ratio < {hp.min_score_ratio}")  # fmt: skip
@@ -360,9 +414,11 @@ class PreferenceDataModule(LightningDataModule):
             desc=f"Encoding {split} pairs",
             keep_in_memory=True,
         )
-        post_index = {post: i for i, post in enumerate(sorted(set(dataset["post_id"])))}
+        # the unit that intervals resample: a post, or with sources a conversation of one source
+        unit = "group" if "group" in dataset.column_names else "post_id"
+        post_index = {post: i for i, post in enumerate(sorted(set(dataset[unit])))}
         dataset = dataset.map(
-            lambda row: {"domain_id": domain_ids.get(row["domain"], -1), "post_index": post_index[row["post_id"]]},
+            lambda row: {"domain_id": domain_ids.get(row["domain"], -1), "post_index": post_index[row[unit]]},
             keep_in_memory=True,
         )
         for flag, label in (("prompt_cut", "prompts cut from the left"),
@@ -392,7 +448,7 @@ class PreferenceDataModule(LightningDataModule):
             dataset, stats = self._filter(raw[split], split)
             if len(dataset) == 0:
                 raise UserInputError(
-                    f"No {split} pairs left in '{self.hparams.path}' after filtering ({_describe(stats)}). "
+                    f"No {split} pairs left in '{self._what()}' after filtering ({_describe(stats)}). "
                     "Loosen min_score_ratio / domains / max_pairs_per_post or check the file."
                 )
             filtered[split] = (dataset, stats)
@@ -402,11 +458,15 @@ class PreferenceDataModule(LightningDataModule):
             print(f"[lit_rlhf] {split}: {len(self.datasets[split])} pairs ({_describe(stats)})")
             print(f"[lit_rlhf] {split} {_describe_lengths(self.length_stats[split], self.hparams.max_length)}")
 
+    def _what(self) -> str:
+        return ", ".join(s["domain"] for s in self.sources) if self.sources else self.hparams.path
+
     def export_record(self) -> dict:
         """What `RewardModel.export` records (see lit_rlhf.artifacts): the scoring settings it trained
-        with and the posts / message trees of its train and validation splits."""
+        with, the posts / message trees of its train and validation splits and (with `sources`) the
+        path(s) of each source."""
         seen = [self.datasets[split] for split in ("train", "validation") if split in self.datasets]
-        return {
+        record = {
             "scoring": {
                 "max_length": self.hparams.max_length,
                 "min_prompt_tokens": self.hparams.min_prompt_tokens,
@@ -417,13 +477,16 @@ class PreferenceDataModule(LightningDataModule):
                 "post_ids": sorted({post for ds in seen for post in ds["post_id"]}),
             },
         }
+        if self.sources:
+            record["sources"] = {source["domain"]: source["paths"] for source in self.sources}
+        return record
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(stage, SPLITS)
         self.prepare(wanted)
         for split in wanted:
             if split not in self.datasets:
-                raise UserInputError(f"data.path '{self.hparams.path}' has no {split} split (stage '{stage}').")
+                raise UserInputError(f"data.path '{self._what()}' has no {split} split (stage '{stage}').")
         if stage == "fit":
             self.show_preview()
 

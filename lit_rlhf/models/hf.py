@@ -23,10 +23,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_rlhf.artifacts import save_folder_atomically
+from lit_rlhf.artifacts import reward_model_info, save_folder_atomically
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, reason, require_existing
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# the two outputs of a length-disentangled (ODIN) reward head, in this order (config.id2label)
+ODIN_OUTPUTS = ("quality", "length")
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _OFFLINE_HINT = (
@@ -158,24 +160,49 @@ def load_causal_lm(
     )
 
 
+def has_odin_head(model_name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether the folder holds a length-disentangled reward model (outputs named `ODIN_OUTPUTS`)."""
+    config = _from_pretrained(AutoConfig, model_name_or_path, "reward model", trust_remote_code=trust_remote_code)
+    return config.num_labels == 2 and [config.id2label.get(i) for i in range(2)] == list(ODIN_OUTPUTS)
+
+
+def set_score_head(model: PreTrainedModel, weight: torch.Tensor, odin: bool) -> None:
+    """Replace the `score` head by a bias-free linear head with these rows: one reward, or ODIN's
+    quality and length outputs (named in the config, so an export says what it holds)."""
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+    head.weight.data.copy_(weight)
+    model.score = head
+    model.num_labels = model.config.num_labels = weight.shape[0]
+    if odin:
+        model.config.id2label = dict(enumerate(ODIN_OUTPUTS))
+        model.config.label2id = {name: index for index, name in enumerate(ODIN_OUTPUTS)}
+
+
 def load_sequence_scorer(
     model_name_or_path: str,
     pad_token_id: int,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     trained_head: bool = False,
+    odin: bool = False,
 ) -> PreTrainedModel:
     """A causal LM with a scalar head (reward model / critic), read at the last non-pad token.
 
     A plain causal LM gets a freshly initialised head (what the reward-model stage trains);
     `trained_head=True` refuses that, for the stages that score with a finished reward model: a
     policy or base model passed there would score noise without a word.
+
+    A length-disentangled (ODIN) export is loaded as the one reward its export record names
+    (`reward_output`: the quality output unless it says `sum`), so every scorer reads output 0.
+    `odin=True` keeps both outputs [quality, length] (adding a fresh length row to a single head),
+    for training.
     """
+    stored_odin = has_odin_head(model_name_or_path, trust_remote_code)
     model, info = _from_pretrained(
         AutoModelForSequenceClassification,
         model_name_or_path,
         "reward model",
-        num_labels=1,
+        **({} if stored_odin else {"num_labels": 1}),  # passing num_labels would rename ODIN's outputs
         trust_remote_code=trust_remote_code,
         dtype=dtype,
         output_loading_info=True,
@@ -186,6 +213,14 @@ def load_sequence_scorer(
             f"{sorted(info['missing_keys'])[:3]} (a {', '.join(model.config.architectures or ['model'])}, e.g. a "
             "policy or base model). Pass the reward_model/ folder exported by the reward-model stage."
         )
+    if odin != stored_odin:
+        weight = model.score.weight.data
+        if odin:
+            length_row = torch.empty_like(weight).normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+            set_score_head(model, torch.cat([weight, length_row]), odin=True)
+        else:
+            output = reward_model_info(resolve_model_path(model_name_or_path)).get("reward_output", "quality")
+            set_score_head(model, weight.sum(0, keepdim=True) if output == "sum" else weight[:1], odin=False)
     model.config.pad_token_id = pad_token_id
     return model
 

@@ -10,6 +10,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from scipy.stats import bootstrap
 from torch import nn
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import CatMetric, MeanMetric, PearsonCorrCoef
 from torchmetrics.classification import BinaryAccuracy
 
 from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
@@ -35,12 +36,14 @@ from lit_rlhf.models.frozen_trunk import (
     unique_rows,
     unsupported_reason,
 )
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.hf import DEFAULT_MODEL, has_odin_head, load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.rl.odin import length_disentangle_loss, orthogonality_loss
 from lit_rlhf.tables import log_table, markdown_table, run_dir
 
 # test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
 METHODS = (("accuracy", "reward model"), ("baseline_longer_reply", "longer reply wins (characters)"),
            ("baseline_zero_shot_logprob", "zero-shot mean log-prob of the base model"))  # fmt: skip
+ODIN_METHODS = (("accuracy_quality", "quality output alone"), ("accuracy_length", "length output alone"))
 SUBSETS = (("", "all pairs"), ("_chosen_shorter", "chosen is the shorter reply"),
            ("_chosen_longer", "chosen is the longer reply"))  # fmt: skip
 
@@ -128,6 +131,12 @@ class RewardModel(LightningModule):
     trainable blocks, the final norm and the head; a sequence in several pairs of a batch runs once.
     Same losses, gradients, metrics and export as without it, only faster.
 
+    `head: odin` trains ODIN's length-disentangled head (`lit_rlhf.rl.odin`): two outputs, a quality
+    and a length reward, whose sum takes the pairwise loss, plus `length_weight` * (|rho(quality,
+    length)| - rho(length reward, length)) over each batch's replies (length: the reply's characters)
+    and `orthogonal_weight` * |cos| of the two head vectors. The export keeps both outputs and records
+    `reward_output`, the one that PPO, GRPO, RLOO and the evaluation score with (`load_sequence_scorer`).
+
     `test` reports accuracy with a 95% interval next to two baselines on the same pairs ("the
     longer reply wins" and the base model's zero-shot mean response log-prob), on all pairs and on
     the pairs whose chosen reply is the shorter / the longer one (console, loggers and
@@ -136,6 +145,11 @@ class RewardModel(LightningModule):
     Args:
         model_name_or_path: hub id, local HF folder (also an exported reward model: its trained
             head is loaded) or `embedded:smollm2`.
+        head: `single` (one scalar reward) or `odin` (quality + length outputs); None: `odin` for
+            an ODIN export, else `single`.
+        length_weight: ODIN's lambda_L, the weight of the length-correlation term.
+        orthogonal_weight: ODIN's lambda_O, the weight of the heads' orthogonality term.
+        reward_output: what the ODIN export's scorers read: `quality` (ODIN's choice) or `sum`.
         trainable_top_blocks: train only the top N blocks + final norm + head (CPU setting);
             None trains everything.
         lora_r: when set, train LoRA adapters (peft) on `lora_target_modules` + the head instead;
@@ -155,6 +169,10 @@ class RewardModel(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         margin: float = 0.0,
         center_rewards_coefficient: float = 0.0,
+        head: Literal["single", "odin"] | None = None,
+        length_weight: float = 1.0,
+        orthogonal_weight: float = 1.0,
+        reward_output: Literal["quality", "sum"] = "quality",
         trainable_top_blocks: int | None = None,
         lora_r: int | None = None,
         lora_alpha: int = 32,
@@ -174,8 +192,9 @@ class RewardModel(LightningModule):
             raise UserInputError("Choose either lora_r or trainable_top_blocks, not both.")
         self.optimizer = optimizer
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="right", trust_remote_code=trust_remote_code)
+        self.odin = head == "odin" if head is not None else has_odin_head(model_name_or_path, trust_remote_code)
         self.model = load_sequence_scorer(
-            model_name_or_path, self.tokenizer.pad_token_id, trust_remote_code=trust_remote_code
+            model_name_or_path, self.tokenizer.pad_token_id, trust_remote_code=trust_remote_code, odin=self.odin
         )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -205,14 +224,17 @@ class RewardModel(LightningModule):
         edges = torch.tensor(score_ratio_edges, dtype=torch.float32)
         self.register_buffer("score_ratio_edges", edges, persistent=False)
         self.val_loss, self.val_margin, self.val_accuracy = MeanMetric(), MeanMetric(), BinaryAccuracy()
+        if self.odin:  # the quality output alone, and both outputs' correlation with the replies' length
+            self.val_quality_accuracy, self.val_length_corr = BinaryAccuracy(), PearsonCorrCoef(num_outputs=2)
         self.test_loss, self.test_margin, self.test_accuracy = MeanMetric(), MeanMetric(), BinaryAccuracy()
         self.test_correct, self.test_score_ratio, self.test_domain_id = (
             CatMetric(), CatMetric(nan_strategy="disable"), CatMetric()
         )
         self.domain_names: dict[int, str] = {}  # domain_id -> name, as the test batches carry them
-        # per test pair: the baselines' verdicts (ties count one half), chosen minus rejected characters, its post
+        # per test pair: the baselines' verdicts (ties count one half), its replies' characters [chosen, rejected],
+        # its post (conversation) and its rewards [chosen, rejected][output]
         self.test_length_correct, self.test_logprob_correct = CatMetric(), CatMetric()
-        self.test_chars_diff, self.test_post_index = CatMetric(), CatMetric()
+        self.test_chars, self.test_post_index, self.test_rewards = CatMetric(), CatMetric(), CatMetric()
         self._last_batch_end: float | None = None
         self._test_start = 0.0
 
@@ -232,8 +254,9 @@ class RewardModel(LightningModule):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One reward per sequence (fp32). `prompt_tokens` (where each row's response starts) lets
-        rows with the same prompt share its computation in the trainable blocks (trunk cache on)."""
+        """One reward per sequence (fp32; ODIN: [quality, length] per sequence). `prompt_tokens` (where
+        each row's response starts) lets rows with the same prompt share its computation in the
+        trainable blocks (trunk cache on)."""
         if self.trunk_cache is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
         keys = sequence_keys(input_ids, attention_mask)
@@ -254,23 +277,42 @@ class RewardModel(LightningModule):
             return backbone.norm(run_blocks(backbone, hidden, attention_mask, blocks))
         return backbone.norm(run_blocks_sharing_prompts(backbone, hidden, input_ids, attention_mask, prompt_tokens, blocks))
 
-    def _pair_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_outputs(self, batch) -> dict[str, torch.Tensor]:
+        """`loss`, `diff` (chosen minus rejected reward per pair) and `rewards` (per sequence; ODIN:
+        [quality, length], with the loss's `length_term` and `orthogonality`)."""
         rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("prompt_tokens"))
-        chosen, rejected = rewards.chunk(2)
+        chosen, rejected = (rewards.sum(-1) if self.odin else rewards).chunk(2)
         diff = chosen - rejected
         loss = -F.logsigmoid(diff - self.hparams.margin - batch["margin"])
         loss = (loss * batch["weight"]).mean() if "weight" in batch else loss.mean()  # data.balance_length
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
-        return loss, diff
+        out = {"diff": diff, "rewards": rewards}
+        if self.odin:
+            if "response_chars" not in batch:
+                raise UserInputError("head odin needs each reply's length: train it on a PreferenceDataModule.")
+            out["length_term"] = length_disentangle_loss(rewards[:, 0], rewards[:, 1], batch["response_chars"])
+            out["orthogonality"] = orthogonality_loss(self.model.score.weight)
+            loss = loss + self.hparams.length_weight * out["length_term"]
+            loss = loss + self.hparams.orthogonal_weight * out["orthogonality"]
+        out["loss"] = loss
+        return out
+
+    def _pair_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._pair_outputs(batch)
+        return out["loss"], out["diff"]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, diff = self._pair_step(batch)
+        out = self._pair_outputs(batch)
+        loss, diff = out["loss"], out["diff"]
         require_finite("train/loss", loss, self.global_step)
         # sync_dist: under DDP the logged values are those of the global batch
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/accuracy", (diff > 0).float().mean(), sync_dist=True)
         self.log("train/margin", diff.mean(), sync_dist=True)
+        if self.odin:
+            self.log("train/odin_length_term", out["length_term"], sync_dist=True)
+            self.log("train/odin_orthogonality", out["orthogonality"], sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -281,17 +323,28 @@ class RewardModel(LightningModule):
         self._last_batch_end = now
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, diff = self._pair_step(batch)
+        out = self._pair_outputs(batch)
+        loss, diff = out["loss"], out["diff"]
         n = diff.numel()
         self.val_loss.update(loss, weight=n)
         self.val_margin.update(diff)
         self.val_accuracy.update(torch.sigmoid(diff), torch.ones_like(diff, dtype=torch.long))
+        if self.odin:
+            chosen, rejected = out["rewards"][:, 0].chunk(2)
+            self.val_quality_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(diff, dtype=torch.long))
+            self.val_length_corr.update(out["rewards"], batch["response_chars"].float()[:, None].expand(-1, 2))
 
     def on_validation_epoch_end(self) -> None:
         metrics = {"val/loss": self.val_loss, "val/accuracy": self.val_accuracy, "val/margin": self.val_margin}
         self.log_dict({key: metric.compute() for key, metric in metrics.items()}, prog_bar=True)
-        for metric in (self.val_loss, self.val_accuracy, self.val_margin):
+        for metric in metrics.values():
             metric.reset()
+        if self.odin:
+            quality_corr, length_corr = self.val_length_corr.compute()
+            self.log_dict({"val/accuracy_quality": self.val_quality_accuracy.compute(),
+                           "val/length_corr_quality": quality_corr, "val/length_corr_length": length_corr})  # fmt: skip
+            self.val_quality_accuracy.reset()
+            self.val_length_corr.reset()
         self._last_batch_end = None
 
     def _build_trunk_cache(self, *loader_names: str) -> None:
@@ -355,7 +408,8 @@ class RewardModel(LightningModule):
         self._test_start = time.perf_counter()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss, diff = self._pair_step(batch)
+        out = self._pair_outputs(batch)
+        loss, diff = out["loss"], out["diff"]
         self.test_loss.update(loss, weight=diff.numel())
         self.test_margin.update(diff)
         self.test_accuracy.update(torch.sigmoid(diff), torch.ones_like(diff, dtype=torch.long))
@@ -365,7 +419,9 @@ class RewardModel(LightningModule):
         self.domain_names.update(zip(batch["domain_id"].tolist(), batch["domain"]))
         self.test_post_index.update(batch["post_index"].float())
         chars_chosen, chars_rejected = batch["response_chars"].chunk(2)
-        self.test_chars_diff.update((chars_chosen - chars_rejected).float())
+        self.test_chars.update(torch.stack([chars_chosen, chars_rejected], 1).float())
+        rewards = out["rewards"] if self.odin else out["rewards"][:, None]
+        self.test_rewards.update(torch.stack(rewards.chunk(2), 1))
         self.test_length_correct.update(_verdict(chars_chosen.float(), chars_rejected.float()))
         self.test_logprob_correct.update(_verdict(*self.baseline_logprob(batch).chunk(2)))
 
@@ -386,42 +442,58 @@ class RewardModel(LightningModule):
             log_table(self.trainer, "test/reward_model_groups", ["group", "pairs", "accuracy"], rows)
         for metric in (self.test_loss, self.test_accuracy, self.test_margin, self.test_correct,
                        self.test_score_ratio, self.test_domain_id, self.test_length_correct,
-                       self.test_logprob_correct, self.test_chars_diff, self.test_post_index):  # fmt: skip
+                       self.test_logprob_correct, self.test_chars, self.test_post_index,
+                       self.test_rewards):  # fmt: skip
             metric.reset()
         self.domain_names.clear()
 
     def _accuracy_report(self, correct: torch.Tensor) -> dict[str, float]:
-        """Accuracy of the reward model and of both baselines, on all pairs and on the pairs whose chosen
-        reply is the shorter / longer one, each with a 95% interval resampling posts; logged, printed and
-        written to `<default_root_dir>/test_accuracy.md`."""
-        verdicts = [v.cpu().numpy() for v in (correct, self.test_length_correct.compute(), self.test_logprob_correct.compute())]
-        chars, posts = self.test_chars_diff.compute().cpu().numpy(), self.test_post_index.compute().cpu().numpy()
-        masks = [np.ones_like(chars, dtype=bool), chars < 0, chars > 0]
-        metrics, table = {}, []
-        for (prefix, label), values in zip(METHODS, verdicts):
-            cells = [label]
-            for (suffix, _), mask in zip(SUBSETS, masks):
-                if not mask.any():
-                    cells.append("-")
-                    continue
-                mean, low, high = grouped_bootstrap_interval(values[mask], posts[mask])
-                metrics.update({f"test/{prefix}{suffix}": mean, f"test/{prefix}{suffix}_ci_low": low,
-                                f"test/{prefix}{suffix}_ci_high": high})  # fmt: skip
-                cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
-            table.append(cells)
+        """Accuracy of the reward model (ODIN: the sum, then each output alone) and of both baselines,
+        on all pairs and on the pairs whose chosen reply is the shorter / longer one, each with a 95%
+        interval resampling posts (conversations), and each model output's Pearson correlation with
+        the replies' length; over all pairs and per source (`domain`). Logged, printed and written to
+        `<default_root_dir>/test_accuracy.md`."""
+        rewards = self.test_rewards.compute().cpu().numpy()  # [pairs, chosen/rejected, outputs]
+        chars = self.test_chars.compute().cpu().numpy()
+        verdicts = [correct.cpu().numpy(), self.test_length_correct.compute().cpu().numpy(),
+                    self.test_logprob_correct.compute().cpu().numpy()]  # fmt: skip
+        # (metric prefix, label, per-pair verdicts, per-reply rewards or None)
+        label = f"{METHODS[0][1]} (quality + length)" if self.odin else METHODS[0][1]
+        methods = [(METHODS[0][0], label, verdicts[0], rewards.sum(-1))]
+        if self.odin:
+            methods += [(*ODIN_METHODS[i], (rewards[:, 0, i] > rewards[:, 1, i]).astype(float), rewards[..., i])
+                        for i in range(2)]  # fmt: skip
+        methods += [(*method, values, None) for method, values in zip(METHODS[1:], verdicts[1:])]
+        posts, domains = self.test_post_index.compute().cpu().numpy(), self.test_domain_id.compute().cpu().numpy()
+        metrics, tables = {}, []
+        groups = [("", None, np.ones(len(chars), dtype=bool))]
+        groups += [(f"{name}/", name, domains == index) for index, name in sorted(self.domain_names.items())
+                   if index >= 0 and (domains == index).any()]  # fmt: skip
+        for key, name, group in groups:
+            group_metrics, columns, table = _method_table(methods, chars[group], posts[group], group)
+            metrics.update({f"test/{key}{metric}": value for metric, value in group_metrics.items()})
+            counts = [int(group.sum())] + [int(group_metrics[f"pairs{suffix}"]) for suffix, _ in SUBSETS[1:]]
+            tables.append((f"{name} ({counts[0]}: {counts[1]} / {counts[2]})", columns, table))
         metrics.pop("test/accuracy")  # logged from the BinaryAccuracy metric (the same value)
-        for (suffix, _), mask in zip(SUBSETS[1:], masks[1:]):
-            metrics[f"test/pairs{suffix}"] = float(mask.sum())
-        columns = ["method"] + [f"{label} ({int(mask.sum())})" for (_, label), mask in zip(SUBSETS, masks)]
+        _, columns, table = tables[0]
         log_table(self.trainer, "test/reward_model_accuracy", columns, table)
+        text = f"{markdown_table(columns, table)}\n"
+        if len(tables) > 1:
+            rows = [[name, *row] for name, _, table in tables[1:] for row in table]
+            source_columns = ["source (pairs: chosen shorter / longer)", "method",
+                              *(label for _, label in SUBSETS), "Pearson r with length"]  # fmt: skip
+            log_table(self.trainer, "test/reward_model_accuracy_per_source", source_columns, rows)
+            text += f"\n## Per source\n\n{markdown_table(source_columns, rows)}\n"
         if self.trainer.is_global_zero:
             out = run_dir(self.trainer) / "test_accuracy.md"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(
                 f"# Reward model test accuracy ({self.hparams.model_name_or_path}, {len(chars)} held-out pairs)\n\n"
-                f"{markdown_table(columns, table)}\n\nAccuracy [95% interval]: percentile bootstrap (10 000 "
-                "resamples) over posts, a post's pairs resampled together. Ties count one half for the baselines. "
-                "Lengths are the untruncated replies' characters; pairs of equal length are in neither subset.\n",
+                f"{text}\nAccuracy [95% interval]: percentile bootstrap (10 000 resamples) over posts (with several "
+                "sources: conversations), a post's pairs resampled together. Ties count one half for the baselines. "
+                "Lengths are the untruncated replies' characters; pairs of equal length are in neither subset. "
+                "Pearson r: each output's reward against the reply's length, over the chosen and rejected replies "
+                "of the pairs.\n",
                 encoding="utf-8",
             )
         return metrics
@@ -457,6 +529,7 @@ class RewardModel(LightningModule):
         source = self.hparams.model_name_or_path
         base = reward_model_info(source).get("base_model", source)
         info = {"source": source, "base_model": base, "global_step": self.global_step}
+        info.update({"head": "odin", "reward_output": self.hparams.reward_output} if self.odin else {"head": "single"})
         record = getattr(self.trainer.datamodule, "export_record", None)  # scoring settings, trained_on
         if record is not None:
             info.update(record())
@@ -494,3 +567,38 @@ class RewardModel(LightningModule):
 def _verdict(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """1 when a baseline prefers the chosen reply, 0 when the rejected one, 1/2 on a tie."""
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
+def _method_table(methods, chars: np.ndarray, posts: np.ndarray, group: np.ndarray) -> tuple[dict, list, list]:
+    """Metrics and table rows of one group of test pairs: each method's accuracy with its interval on
+    all pairs and the chosen-shorter / chosen-longer subsets, and each model output's Pearson r with
+    the replies' length (`chars` [pairs, chosen/rejected])."""
+    from torchmetrics.functional import pearson_corrcoef
+
+    difference = chars[:, 0] - chars[:, 1]
+    masks = [np.ones(len(difference), dtype=bool), difference < 0, difference > 0]
+    metrics, table = {}, []
+    for prefix, label, values, rewards in methods:
+        values = values[group]
+        cells = [label]
+        for (suffix, _), mask in zip(SUBSETS, masks):
+            if not mask.any():
+                cells.append("-")
+                continue
+            mean, low, high = grouped_bootstrap_interval(values[mask], posts[mask])
+            metrics.update({f"{prefix}{suffix}": mean, f"{prefix}{suffix}_ci_low": low,
+                            f"{prefix}{suffix}_ci_high": high})  # fmt: skip
+            cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+        if rewards is not None and len(difference) > 1:
+            name = "length_corr" + prefix.removeprefix("accuracy")
+            r = pearson_corrcoef(torch.from_numpy(rewards[group].reshape(-1)).double(),
+                                 torch.from_numpy(chars.reshape(-1)).double())  # fmt: skip
+            metrics[name] = float(r)
+            cells.append(f"{float(r):+.3f}")
+        else:
+            cells.append("-")
+        table.append(cells)
+    for (suffix, _), mask in zip(SUBSETS[1:], masks[1:]):
+        metrics[f"pairs{suffix}"] = float(mask.sum())
+    columns = ["method"] + [f"{label} ({int(mask.sum())})" for (_, label), mask in zip(SUBSETS, masks)]
+    return metrics, columns + ["Pearson r with length"], table

@@ -1,6 +1,7 @@
 """PreferenceDataModule: SHP schema and generic pairs, splits, filters, chat-template truncation, preview."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,127 @@ def test_balance_length_weighs_both_length_sides_equally(tmp_path, smol_tokenize
     assert set(dm.datasets["validation"]["weight"]) == {1.0}  # val/test losses stay unweighted
     batch = next(iter(dm.val_dataloader()))
     assert batch["weight"].tolist() == [1.0] * 8
+
+
+# -- several sources, each split by conversation -------------------------------------------------
+
+
+def _oasst1_rows(n_trees: int) -> list[dict]:
+    """oasst1 message rows: per tree a question with three ranked replies (three pairs)."""
+    rows = []
+    for t in range(n_trees):
+        rows.append({"message_id": f"q{t}", "parent_id": None, "role": "prompter", "text": f"Question {t}?",
+                     "rank": None, "message_tree_id": f"tree{t}", "lang": "en"})  # fmt: skip
+        for rank, text in enumerate(("A clear, helpful answer.", "A vague answer.", "No.")):
+            rows.append({"message_id": f"a{t}_{rank}", "parent_id": f"q{t}", "role": "assistant", "text": f"{text} {t}",
+                         "rank": rank, "message_tree_id": f"tree{t}", "lang": "en"})  # fmt: skip
+    return rows
+
+
+def _chat_pairs(n_conversations: int, turns: int = 2) -> list[dict]:
+    """Pairs whose conversations come `turns` at a time from one opening question (HH-style)."""
+    return [{"prompt": [{"role": "user", "content": f"Opening {c}"}, {"role": "assistant", "content": "Sure."},
+                        {"role": "user", "content": f"Follow-up {k}"}],
+             "chosen": f"Helpful reply {c}.{k}", "rejected": f"Unhelpful {c}.{k}", "post_id": f"hh-{c}-{k}",
+             "domain": "ignored"} for c in range(n_conversations) for k in range(turns)]  # fmt: skip
+
+
+def sources_module(tmp_path, smol_tokenizer_dir, **kwargs) -> PreferenceDataModule:
+    write_jsonl(tmp_path / "oasst" / "a_validation.jsonl", _oasst1_rows(12))  # oasst1's own split name: ignored
+    write_jsonl(tmp_path / "oasst_more.jsonl", _oasst1_rows(20)[48:])
+    write_jsonl(tmp_path / "hh" / "pairs.jsonl", _chat_pairs(30))
+    write_jsonl(tmp_path / "instructions.jsonl", [{"prompt": f"Instruction {i % 10}", "chosen": row["chosen"],
+                                                   "rejected": row["rejected"], "post_id": f"panda-{i}"}
+                                                  for i, row in enumerate(separable_pairs(40))])  # fmt: skip
+    sources = [{"domain": "oasst1", "path": [str(tmp_path / "oasst"), str(tmp_path / "oasst_more.jsonl")]},
+               {"domain": "hh", "path": str(tmp_path / "hh")},
+               {"domain": "panda", "path": str(tmp_path / "instructions.jsonl")}]  # fmt: skip
+    kwargs.setdefault("min_score_ratio", None)
+    return PreferenceDataModule(sources=sources, tokenizer_name_or_path=str(smol_tokenizer_dir), max_length=96,
+                                min_prompt_tokens=16, val_fraction=0.2, test_fraction=0.2, **kwargs)  # fmt: skip
+
+
+def test_sources_are_each_split_by_conversation_and_keep_their_domain(tmp_path, smol_tokenizer_dir, capsys):
+    dm = sources_module(tmp_path, smol_tokenizer_dir, seed=1)
+    dm.prepare()
+    assert dm.domains == ["hh", "oasst1", "panda"]
+    out = capsys.readouterr().out
+    for domain, pairs in (("oasst1", 20 * 3), ("hh", 60), ("panda", 40)):
+        assert f"source '{domain}': {pairs} pairs, split by conversation" in out
+    sizes = {split: {d: list(ds["domain"]).count(d) for d in dm.domains} for split, ds in dm.datasets.items()}
+    assert all(n > 0 for per_domain in sizes.values() for n in per_domain.values()), sizes
+    assert sum(sizes[s]["panda"] for s in sizes) == 40 and sum(sizes[s]["hh"] for s in sizes) == 60
+    # one conversation (oasst1 tree, HH opening, PandaLM instruction) is never in two splits
+    trees = {s: {t for t in zip(ds["domain"], ds["message_tree_id"]) if t[1]} for s, ds in dm.datasets.items()}
+    openings = {s: {(d, p[0]["content"]) for d, p in zip(ds["domain"], ds["prompt"])} for s, ds in dm.datasets.items()}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not trees[a] & trees[b] and not openings[a] & openings[b]
+    # a string prompt is one user turn; intervals resample conversations, not single pairs
+    test = dm.datasets["test"]
+    assert all(isinstance(p, list) and p[0]["role"] == "user" for p in test["prompt"])
+    panda = [i for i, d in enumerate(test["domain"]) if d == "panda"]
+    instructions = {test["prompt"][i][0]["content"] for i in panda}
+    assert len({test["post_index"][i] for i in panda}) == len(instructions) < len(panda)
+    # seeded: the same seed gives the same splits, another seed others
+    again = sources_module(tmp_path, smol_tokenizer_dir, seed=1)
+    again.prepare()
+    posts = {s: list(d["post_id"]) for s, d in dm.datasets.items()}
+    assert {s: list(d["post_id"]) for s, d in again.datasets.items()} == posts
+    other = sources_module(tmp_path, smol_tokenizer_dir, seed=2)
+    other.prepare(("test",))
+    assert set(other.datasets["test"]["post_id"]) != set(dm.datasets["test"]["post_id"])
+    assert dm.export_record()["sources"]["hh"] == [str(tmp_path / "hh")]
+
+
+def test_the_sources_config_reads_the_real_samples_split_per_source(data_root, smol_tokenizer_dir, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setenv("LIT_RLHF_DATA", str(data_root))
+    config = Path(__file__).resolve().parents[2] / "configs" / "cpu" / "reward_model_sources.yaml"
+    sources = yaml.safe_load(config.read_text())["data"]["init_args"]["sources"]
+    assert [s["domain"] for s in sources] == ["oasst1", "hh_helpful", "pandalm"]
+    dm = PreferenceDataModule(sources=sources, tokenizer_name_or_path=str(smol_tokenizer_dir))
+    splits = dm._splits()
+    assert {s: len(d) for s, d in splits.items()} == {"train": 3193, "validation": 381, "test": 394}
+    out = capsys.readouterr().out
+    assert "'oasst1': 1462 pairs" in out and "'hh_helpful': 1664 pairs" in out and "'pandalm': 842 pairs" in out
+
+
+def test_prompts_without_a_user_turn_are_skipped_with_a_count(tmp_path, smol_tokenizer_dir, capsys):
+    """#29: an empty message list or assistant-only messages ended in a chat-template traceback."""
+    rows = separable_pairs(4) + [
+        {"prompt": [], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "assistant", "content": "Hello, how can I help?"}], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go."},
+    ]
+    dm = datamodule(write_jsonl(tmp_path / "test.jsonl", rows), smol_tokenizer_dir)
+    dm.prepare(("test",))
+    assert len(dm.datasets["test"]) == 5
+    assert "skipped: prompt without a user turn: 2" in capsys.readouterr().out
+
+
+def test_bad_sources_name_the_file_the_column_or_the_clash(tmp_path, smol_tokenizer_dir, monkeypatch):
+    good = write_jsonl(tmp_path / "src" / "good.jsonl", separable_pairs(4))
+    write_jsonl(tmp_path / "src" / "broken.jsonl", [{"prompt": "q", "chosen": "a", "answer_b": "b"}])
+
+    def module(sources, **kwargs):
+        return PreferenceDataModule(sources=sources, tokenizer_name_or_path=str(smol_tokenizer_dir), **kwargs)
+
+    with pytest.raises(UserInputError, match=r"broken\.jsonl' has columns .*lacks the column\(s\) \['rejected'\]"):
+        module([{"domain": "mine", "path": str(tmp_path / "src")}]).prepare()
+    shp = {k: v for k, v in shp_row("p", 0, "askvet", "train", 3.0, True).items() if k != "human_ref_B"}
+    write_jsonl(tmp_path / "shp" / "x.jsonl", [shp])
+    with pytest.raises(UserInputError, match=r"x\.jsonl' has columns .*\['human_ref_B'\] of SHP's"):
+        module([{"domain": "shp", "path": str(tmp_path / "shp")}]).prepare()
+    with pytest.raises(UserInputError, match="two sources named 'HH'"):
+        module([{"domain": "hh", "path": str(good)}, {"domain": "HH", "path": str(good)}])
+    with pytest.raises(UserInputError, match=r"exactly the keys `domain`"):
+        module([{"name": "hh", "path": str(good)}])
+    monkeypatch.delenv("NOT_SET_H32", raising=False)
+    with pytest.raises(UserInputError, match=r"\['NOT_SET_H32'\], which are not set"):
+        module([{"domain": "hh", "path": "$NOT_SET_H32/hh"}])
+    with pytest.raises(UserInputError, match="not both"):
+        module([{"domain": "hh", "path": str(good)}], path=str(good))
+    # a single path's missing column is named too
+    with pytest.raises(UserInputError, match=r"lacks the column\(s\) \['rejected'\]"):
+        datamodule(tmp_path / "src" / "broken.jsonl", smol_tokenizer_dir).prepare()

@@ -119,6 +119,78 @@ def test_loss_margin_and_centering(tiny_llama_dir, monkeypatch):
     torch.testing.assert_close(weighted, expected)
 
 
+def test_odin_loss_is_the_pairwise_loss_of_the_sum_plus_the_length_and_orthogonality_terms(tiny_llama_dir, monkeypatch):
+    model = RewardModel(str(tiny_llama_dir), head="odin", length_weight=0.5, orthogonal_weight=2.0)
+    assert model.model.score.weight.shape[0] == 2 and model.model.config.id2label == {0: "quality", 1: "length"}
+    # rows: chosen 1, chosen 2, rejected 1, rejected 2; columns: quality, length
+    rewards = torch.tensor([[1.0, 0.5], [0.0, 2.0], [0.5, -1.0], [1.0, 0.0]])
+    monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask, prompt_tokens=None: rewards)
+    with torch.no_grad():
+        model.model.score.weight.copy_(torch.zeros_like(model.model.score.weight))
+        model.model.score.weight[0, 0] = model.model.score.weight[1, 0] = model.model.score.weight[1, 1] = 1.0
+    batch = {"input_ids": None, "attention_mask": None, "margin": torch.zeros(2),
+             "response_chars": torch.tensor([10, 40, 20, 30])}  # fmt: skip
+    out = model._pair_outputs(batch)
+    torch.testing.assert_close(out["diff"], torch.tensor([1.5 - (-0.5), 2.0 - 1.0]))  # the sum's margins
+    # lengths centred [-15, 15, -5, 5] (sum of squares 500); quality centred [.375, -.625, -.125, .375]
+    # (sum of squares .6875): rho_Q = (-5.625 - 9.375 + .625 + 1.875) / sqrt(500 * .6875) = -12.5 / 18.54
+    rho_quality = -12.5 / math.sqrt(500 * 0.6875)
+    # length reward centred [.125, 1.625, -1.375, -.375] (4.6875): rho_L = (-1.875 + 24.375 + 6.875 - 1.875) / 48.41
+    rho_length = 27.5 / math.sqrt(500 * 4.6875)
+    assert out["length_term"].item() == pytest.approx(abs(rho_quality) - rho_length, abs=1e-5)
+    assert out["orthogonality"].item() == pytest.approx(1 / math.sqrt(2), abs=1e-6)  # heads (1, 0) and (1, 1)
+    pairwise = -torch.nn.functional.logsigmoid(torch.tensor([2.0, 1.0])).mean().item()
+    expected = pairwise + 0.5 * (abs(rho_quality) - rho_length) + 2.0 / math.sqrt(2)
+    assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
+    assert model._pair_step(batch)[0].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_odin_head_trains_exports_both_outputs_and_scorers_read_the_quality_one(tiny_llama_dir, separable_dir,
+                                                                                tmp_path):  # fmt: skip
+    from lit_rlhf.models.scoring import score_responses
+
+    model = RewardModel(str(tiny_llama_dir), head="odin", optimizer=adamw(3e-3))
+    data = PreferenceDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
+    run = trainer(tmp_path, max_epochs=1, limit_train_batches=2, log_every_n_steps=1)
+    run.fit(model, data)
+    assert {"train/odin_length_term", "val/accuracy_quality", "val/length_corr_quality",
+            "val/length_corr_length"} <= set(run.callback_metrics)  # fmt: skip
+    exported = tmp_path / "reward_model"
+    info = reward_model_info(exported)
+    assert info["head"] == "odin" and info["reward_output"] == "quality"
+    batch = next(iter(data.val_dataloader()))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model.eval()
+    with torch.no_grad():
+        both = model(batch["input_ids"], batch["attention_mask"])
+        scorer = load_sequence_scorer(str(exported), model.tokenizer.pad_token_id, trained_head=True).eval()
+        assert scorer.config.num_labels == 1
+        # PPO, GRPO, RLOO and the evaluation score with the quality output
+        torch.testing.assert_close(scorer(**inputs).logits[:, 0], both[:, 0])
+        row = data.datasets["validation"][0]
+        rewards = score_responses(scorer, model.tokenizer, [row["prompt"]], [row["chosen"]], max_length=64,
+                                  min_prompt_tokens=16)  # fmt: skip
+        torch.testing.assert_close(rewards, both[:1, 0])
+        kept = load_sequence_scorer(str(exported), model.tokenizer.pad_token_id, odin=True).eval()
+        torch.testing.assert_close(kept(**inputs).logits, both)
+        again = RewardModel(str(exported)).eval()  # head None: an ODIN export stays ODIN
+        assert again.odin
+        torch.testing.assert_close(again(batch["input_ids"], batch["attention_mask"]), both)
+        single = RewardModel(str(exported), head="single").eval()
+        torch.testing.assert_close(single(batch["input_ids"], batch["attention_mask"]), both[:, 0])
+        # an export whose record names the sum as its reward is scored with quality + length
+        record = exported / "lit_rlhf_export.json"
+        record.write_text(record.read_text().replace('"reward_output": "quality"', '"reward_output": "sum"'))
+        summed = load_sequence_scorer(str(exported), model.tokenizer.pad_token_id).eval()
+        torch.testing.assert_close(summed(**inputs).logits[:, 0], both.sum(-1))
+    # a single-head export grown into ODIN keeps its reward as the quality output
+    plain = RewardModel(str(tiny_llama_dir))
+    plain.export(tmp_path / "single", {"head": "single"})
+    grown = RewardModel(str(tmp_path / "single"), head="odin").model
+    assert grown.config.id2label == {0: "quality", 1: "length"} and grown.score.weight.shape[0] == 2
+    torch.testing.assert_close(grown.score.weight[0], plain.model.score.weight[0])
+
+
 def test_trainable_top_blocks_freezes_the_rest(tmp_path, smol_tokenizer_dir):
     folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
     model = RewardModel(str(folder), trainable_top_blocks=1)
@@ -495,3 +567,44 @@ def test_test_run_reports_interval_baselines_and_length_subsets(tmp_path, smol_t
     assert "| reward model | " in table and "| longer reply wins (characters) | " in table
     assert "zero-shot mean log-prob of the base model" in table and "chosen is the shorter reply (4)" in table
     assert f"{metrics['test/baseline_longer_reply']:.3f} [" in table
+    # the reward's Pearson correlation with the replies' length (characters), chosen and rejected replies
+    replies = [reward(ids) for c, r, _, _ in sequences for ids in (c, r)]
+    lengths = [len(row[side]) for row in test for side in ("chosen", "rejected")]
+    assert metrics["test/length_corr"] == pytest.approx(np.corrcoef(replies, lengths)[0, 1], abs=1e-6)
+
+
+def test_odin_test_run_reports_each_output_per_source(tmp_path, smol_tokenizer_dir):
+    folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
+    write_jsonl(tmp_path / "alpha" / "test.jsonl", _length_pairs())
+    write_jsonl(tmp_path / "beta" / "test.jsonl", separable_pairs(6))
+    sources = [{"domain": "alpha", "path": str(tmp_path / "alpha")}, {"domain": "beta", "path": str(tmp_path / "beta")}]
+    model = RewardModel(str(folder), head="odin", trainable_top_blocks=1)  # the trunk cache serves both outputs
+    data = PreferenceDataModule(sources=sources, max_length=64, min_prompt_tokens=16, batch_size=4,
+                                min_score_ratio=None)  # fmt: skip
+    metrics = trainer(tmp_path / "run", max_epochs=1).test(model, data, verbose=False)[0]
+
+    test = data.datasets["test"]
+    with torch.no_grad():
+        outputs = {side: np.array([model.model(input_ids=torch.tensor([ids])).logits[0].tolist()
+                                   for ids in test[f"{side}_ids"]]) for side in ("chosen", "rejected")}  # fmt: skip
+    chars = {side: np.array([len(text) for text in test[side]]) for side in ("chosen", "rejected")}
+    domains = np.array(test["domain"])
+    for key, mask in (("", domains != ""), ("alpha/", domains == "alpha"), ("beta/", domains == "beta")):
+        quality = outputs["chosen"][mask, 0] > outputs["rejected"][mask, 0]
+        total = outputs["chosen"][mask].sum(1) > outputs["rejected"][mask].sum(1)
+        assert metrics[f"test/{key}accuracy_quality"] == pytest.approx(quality.mean(), abs=1e-6)
+        if key:  # overall, `test/accuracy` is the BinaryAccuracy of the sum
+            assert metrics[f"test/{key}accuracy"] == pytest.approx(total.mean(), abs=1e-6)
+        lengths = np.concatenate([chars["chosen"][mask], chars["rejected"][mask]])
+        for index, output in enumerate(("quality", "length")):
+            rewards = np.concatenate([outputs["chosen"][mask, index], outputs["rejected"][mask, index]])
+            expected = np.corrcoef(rewards, lengths)[0, 1]
+            assert metrics[f"test/{key}length_corr_{output}"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["test/accuracy"] == pytest.approx(np.mean(outputs["chosen"].sum(1) > outputs["rejected"].sum(1)))
+    assert metrics["test/alpha/baseline_longer_reply_chosen_shorter"] == 0.0
+    assert metrics["test/alpha/pairs_chosen_shorter"] == 4 and metrics["test/beta/pairs_chosen_longer"] == 6
+    assert {"test/alpha/baseline_zero_shot_logprob_ci_low", "test/beta/accuracy_quality_chosen_longer"} <= set(metrics)
+    report = (tmp_path / "run" / "test_accuracy.md").read_text()
+    assert "| reward model (quality + length) | " in report and "| quality output alone | " in report
+    assert "## Per source" in report and "| alpha (13: 4 / 8) | quality output alone | " in report
+    assert "| beta (6: 0 / 6) | longer reply wins (characters) | 1.000 [" in report
