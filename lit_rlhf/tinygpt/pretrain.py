@@ -10,10 +10,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from pydantic import NonNegativeInt, PositiveInt
 from torchmetrics import MeanMetric
 
-from lit_rlhf.data.char_tokenizer import CharTokenizer
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
-from lit_rlhf.models.tinygpt import TinyGPT, TinyGPTConfig
 from lit_rlhf.tables import log_table
+from lit_rlhf.tinygpt.model import TinyGPT, TinyGPTConfig
+from lit_rlhf.tinygpt.tokenizer import CharTokenizer
 
 # Hyper-parameters that fix the shape of a TinyGPT (with `vocab`); every TinyGPT-family module
 # (pretraining, SFT, RL-lite) stores them, so any of their checkpoints can start another stage.

@@ -7,7 +7,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from pydantic import PositiveInt
 
 from lit_rlhf.errors import UserInputError, require_finite
-from lit_rlhf.modules.tinygpt import TinyGPTModule
 from lit_rlhf.rl.reinforce import (
     keyword_length_reward,
     masked_mean,
@@ -16,6 +15,7 @@ from lit_rlhf.rl.reinforce import (
     update_baseline,
 )
 from lit_rlhf.tables import log_table
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule
 
 
 def distinct_char_fraction(text: str) -> float:
