@@ -17,8 +17,10 @@ from peft import PeftModel, get_peft_model
 
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer
-from lit_rlhf.modules.online import LoraSettings, OnlineRLModule, count_trainable
-from lit_rlhf.rl.ppo import gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
+from lit_rlhf.models.policy import LoraSettings, count_trainable
+from lit_rlhf.modules.online import OnlineRLModule
+from lit_rlhf.rl.common import masked_whiten
+from lit_rlhf.rl.ppo import gae, ppo_policy_loss, ppo_value_loss, token_rewards
 
 
 class PPOModule(OnlineRLModule):
@@ -41,7 +43,7 @@ class PPOModule(OnlineRLModule):
         mini_batch_size: prompts per optimizer step (default: the whole rollout batch).
         kl_target: per-token KL the adaptive controller steers to; None keeps `init_kl_coef` fixed.
         kl_horizon_fraction: the controller's horizon as a share of the run's rollout samples
-            (`lit_rlhf.rl.ppo.kl_horizon_for_run`): 0.04 lets `kl_coef` double within 14% of the run.
+            (`lit_rlhf.rl.common.kl_horizon_for_run`): 0.04 lets `kl_coef` double within 14% of the run.
         missing_eos_penalty: subtracted from the score of responses that never emit EOS.
         reward_max_length: override of the max length the reward model was trained with (read
             from its export record; an override that differs is printed as a warning).
