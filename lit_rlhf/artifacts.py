@@ -22,7 +22,7 @@ POLICY_ADAPTER = "policy_adapter"  # a LoRA policy (peft folder)
 EVAL_PROMPTS = "eval_prompts.jsonl"  # the unseen prompts an online run held out
 REWARD_MODEL_INFO = "lit_rlhf_export.json"
 # The scoring settings of exports that predate the record (the old defaults of PPO and evaluate).
-LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64, "chat_template": True}
+LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64}
 
 
 def reward_model_info(folder: str | Path) -> dict:
@@ -32,7 +32,7 @@ def reward_model_info(folder: str | Path) -> dict:
 
 
 def reward_model_scoring(folder: str | Path) -> dict:
-    """`{max_length, min_prompt_tokens, chat_template}` the reward model was trained with."""
+    """`{max_length, min_prompt_tokens}` the reward model was trained with."""
     return {**LEGACY_SCORING, **reward_model_info(folder).get("scoring", {})}
 
 
