@@ -1,4 +1,4 @@
-"""Images/s of the Lightning DCGAN (`lit_rlhf.modules.dcgan.DCGAN` + `MedMNISTDataModule`) against a
+"""Images/s of the Lightning DCGAN (`lit_rlhf.dcgan.module.DCGAN` + `MedMNISTDataModule`) against a
 plain PyTorch DCGAN loop, same networks, batch size, optimizers and algorithm, in one process.
 
 The plain loop is the PyTorch DCGAN example's step (D on real + detached fake, then G on the same
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lit_rlhf.data.medmnist import INFO, MedMNISTDataModule, save_medmnist_npz, to_signed_unit
-from lit_rlhf.modules.dcgan import DCGAN, dcgan_adam
+from lit_rlhf.dcgan.medmnist import INFO, MedMNISTDataModule, save_medmnist_npz, to_signed_unit
+from lit_rlhf.dcgan.module import DCGAN, dcgan_adam
 
 
 class StepTimer(Callback):

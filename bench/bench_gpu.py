@@ -313,9 +313,9 @@ class Bench:
         }
 
     def tinygpt(self, s: dict, deadline: float) -> dict:
-        from lit_rlhf.data.text_sources import PYDOC_TOPICS
-        from lit_rlhf.data.wikitext import WikiText2DataModule
-        from lit_rlhf.modules.tinygpt import TinyGPTModule
+        from lit_rlhf.tinygpt.corpus import PYDOC_TOPICS
+        from lit_rlhf.tinygpt.pretrain import TinyGPTModule
+        from lit_rlhf.tinygpt.wikitext import WikiText2DataModule
 
         config = load_config("tinygpt/pretrain.yaml", "scale/tinygpt_large.yaml")
         model_args = {**config["model"]["init_args"], **s["model"]}
@@ -339,8 +339,8 @@ class Bench:
     def dcgan(self, s: dict, deadline: float) -> dict:
         import numpy as np
 
-        from lit_rlhf.data.medmnist import INFO, MedMNISTDataModule, save_medmnist_npz
-        from lit_rlhf.modules.dcgan import DCGAN
+        from lit_rlhf.dcgan.medmnist import INFO, MedMNISTDataModule, save_medmnist_npz
+        from lit_rlhf.dcgan.module import DCGAN
 
         config = load_config("dcgan/dcgan.yaml")
         model_args = {**config["model"]["init_args"], **s["model"]}

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 
-from lit_rlhf.data.wikitext import WikiText2DataModule
-from lit_rlhf.modules.tinygpt import TinyGPTModule
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule
+from lit_rlhf.tinygpt.wikitext import WikiText2DataModule
 
 
 def make_optimizer(params):

@@ -2,7 +2,7 @@
 
     python bench/ppo_worker.py lit  SPEC.json   # lit_rlhf PPOModule under a Lightning Trainer
     <trl env python> bench/ppo_worker.py trl SPEC.json   # trl 0.29.1 experimental PPOTrainer
-    <trl env python> bench/ppo_worker.py maths SPEC.json # TRL's maths on one rollout vs lit_rlhf.rl.ppo
+    <trl env python> bench/ppo_worker.py maths SPEC.json # TRL's maths on one rollout vs lit_rlhf.rl
 
 SPEC (written by bench_ppo.py) names the policy and reward folders, the prompts file and the
 settings; the worker prints one JSON line prefixed `RESULT ` with its figures.
@@ -204,7 +204,7 @@ def run_maths(spec: dict) -> dict:
     from trl.experimental.ppo import PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
-    from lit_rlhf.rl import ppo as ours
+    from lit_rlhf.rl import common, ppo as ours
 
     # responses long enough that some end with EOS, so TRL's p1 convention is exercised
     # on CPU in fp32 whatever --device says: this compares arithmetic, not speed
@@ -257,10 +257,10 @@ def run_maths(spec: dict) -> dict:
     values = values * mask_p1
     logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
 
-    kl = ours.kl_estimate(logprobs, ref_logprobs, "k1") * mask
+    kl = common.kl_estimate(logprobs, ref_logprobs, "k1") * mask
     rewards, non_score = ours.token_rewards(scores, kl, mask_p1, spec["kl_coef"])
     advantages, returns = ours.gae(rewards, values, mask_p1, 1.0, 0.95)
-    whitened = ours.masked_whiten(advantages, mask)
+    whitened = common.masked_whiten(advantages, mask)
     # the first PPO epoch at the rollout policy: new log-probs/values = old ones
     policy_loss = ours.ppo_policy_loss(logprobs, logprobs, whitened, mask, 0.2)
     value_loss, _ = ours.ppo_value_loss(values, values, returns, mask_p1, 0.2)

@@ -10,8 +10,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from lit_rlhf.errors import UserInputError
 
 # The folders and files a stage leaves in its run folder (trainer.default_root_dir), named once here.
 REWARD_MODEL = "reward_model"  # the reward-model stage's export (HF folder)
@@ -20,7 +22,7 @@ POLICY_ADAPTER = "policy_adapter"  # a LoRA policy (peft folder)
 EVAL_PROMPTS = "eval_prompts.jsonl"  # the unseen prompts an online run held out
 REWARD_MODEL_INFO = "lit_rlhf_export.json"
 # The scoring settings of exports that predate the record (the old defaults of PPO and evaluate).
-LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64, "chat_template": True}
+LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64}
 
 
 def reward_model_info(folder: str | Path) -> dict:
@@ -30,7 +32,7 @@ def reward_model_info(folder: str | Path) -> dict:
 
 
 def reward_model_scoring(folder: str | Path) -> dict:
-    """`{max_length, min_prompt_tokens, chat_template}` the reward model was trained with."""
+    """`{max_length, min_prompt_tokens}` the reward model was trained with."""
     return {**LEGACY_SCORING, **reward_model_info(folder).get("scoring", {})}
 
 
@@ -60,7 +62,6 @@ def save_folder_atomically(folder: Path, save: Callable[[Path], None], keep_exis
         shutil.rmtree(staging, ignore_errors=True)
 
 
-
 def save_file_atomically(file: str | Path, save: Callable[[Path], None]) -> None:
     """`save(temporary)` writes a file beside `file` (same filesystem), renamed onto it once complete:
     a crash or an error leaves the previous file or none, never a half-written one."""
@@ -72,6 +73,29 @@ def save_file_atomically(file: str | Path, save: Callable[[Path], None]) -> None
         os.replace(temporary, file)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_jsonl(rows: Iterable[dict], file: str | Path) -> Path:
+    """One JSON object a line (UTF-8, non-ASCII kept as is), written atomically."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    save_file_atomically(file, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return Path(file)
+
+
+def write_eval_prompts(prompts: Iterable[dict], folder: str | Path) -> Path:
+    """`<folder>/eval_prompts.jsonl`: the unseen prompts the evaluation stage answers (written by the
+    `pairs` stage and by every online RL run for the prompts it held out)."""
+    return write_jsonl(prompts, Path(folder) / EVAL_PROMPTS)
+
+
+def read_eval_prompts(path: str | Path) -> list[dict]:
+    """The unseen evaluation prompts a PPO run wrote (a run folder or the JSONL itself)."""
+    path = Path(path)
+    file = path / EVAL_PROMPTS if path.is_dir() else path
+    if not file.exists():
+        raise UserInputError(f"No evaluation prompts at '{file}'. Run the PPO stage first (it writes them).")
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
 
 def export_policy(policy, tokenizer, root: Path, lora: bool) -> Path:
     """A trained policy -> `<root>/policy` (HF folder), or `<root>/policy_adapter` (peft folder) for LoRA."""

@@ -428,12 +428,14 @@ def silence_library_noise() -> None:
 
 
 def import_stage_classes() -> None:
-    """Import every module and data module, so short class names work (`--model PPOModule`,
-    `--model.help PPOModule`): jsonargparse resolves them among imported subclasses."""
+    """Import every module and data module, those of the side studies too, so short class names work
+    (`--model PPOModule`, `--model.help PPOModule`): jsonargparse resolves them among imported subclasses."""
     import lit_rlhf.data
+    import lit_rlhf.dcgan
     import lit_rlhf.modules
+    import lit_rlhf.tinygpt
 
-    for package in (lit_rlhf.modules, lit_rlhf.data):
+    for package in (lit_rlhf.modules, lit_rlhf.data, lit_rlhf.tinygpt, lit_rlhf.dcgan):
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package.__name__}.{module.name}")
 

@@ -48,3 +48,13 @@ def smol_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one intra-op thread; on a busy 2-core machine two threads wait
+    for each other at every op and make a TinyGPT test ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from lit_rlhf.rl.ppo import AdaptiveKLController, masked_mean, masked_whiten
+from lit_rlhf.rl.common import AdaptiveKLController, masked_mean, masked_whiten
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

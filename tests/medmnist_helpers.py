@@ -9,8 +9,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from medmnist import INFO
 
-from lit_rlhf.data.medmnist import MedMNISTDataModule, save_medmnist_npz
-from lit_rlhf.modules.dcgan import DCGAN
+from lit_rlhf.dcgan.medmnist import MedMNISTDataModule, save_medmnist_npz
+from lit_rlhf.dcgan.module import DCGAN
 
 
 def tiny_split(flag: str, n: int, rng: np.random.Generator, size: int = 28):

@@ -21,26 +21,27 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from eval.test_rlhf_evaluation import fake_runs  # noqa: F401  (a module-scoped fixture)
 from lit_rlhf import evaluate
 from lit_rlhf.cli import main
-from lit_rlhf.data.char_tokenizer import UNK
-from lit_rlhf.data.medmnist import MedMNISTDataModule
 from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.data.oasst1_prompts import split_prompts
 from lit_rlhf.data.preference import PreferenceDataModule, read_preference_source
-from lit_rlhf.data.prompts import PromptsDataModule
-from lit_rlhf.data.wikitext import WikiText2DataModule
+from lit_rlhf.dcgan import report as gan_report
+from lit_rlhf.dcgan.classifier import MedMNISTClassifier
+from lit_rlhf.dcgan.medmnist import MedMNISTDataModule
+from lit_rlhf.dcgan.module import DCGAN
 from lit_rlhf.errors import NonFiniteError, UserInputError
-from lit_rlhf.eval import gan_report, tinygpt_results
 from lit_rlhf.eval.generation import generate_responses
 from lit_rlhf.eval.rlhf import load_lora_policy
 from lit_rlhf.models.hf import load_causal_lm, load_sequence_scorer, load_tokenizer
-from lit_rlhf.modules.dcgan import DCGAN
-from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
 from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.modules.reward_model import RewardModel
-from lit_rlhf.modules.rl_lite import RLLiteModule
-from lit_rlhf.modules.sft_tinygpt import SFTTinyGPTModule
-from lit_rlhf.modules.tinygpt import TinyGPTModule
 from lit_rlhf.text import chat_prompt_ids
+from lit_rlhf.tinygpt import results as tinygpt_results
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule
+from lit_rlhf.tinygpt.prompts import PromptsDataModule
+from lit_rlhf.tinygpt.rl_lite import RLLiteModule
+from lit_rlhf.tinygpt.sft import SFTTinyGPTModule
+from lit_rlhf.tinygpt.tokenizer import UNK
+from lit_rlhf.tinygpt.wikitext import WikiText2DataModule
 from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def one_thread():
 
 
 def tinygpt_checkpoint(path: Path, vocab=VOCAB, **architecture) -> Path:
-    """A Lightning-style checkpoint of a freshly initialised TinyGPTModule (as tests/modules/conftest.py)."""
+    """A Lightning-style checkpoint of a freshly initialised TinyGPTModule (as tests/tinygpt/conftest.py)."""
     torch.manual_seed(0)
     module = TinyGPTModule(vocab=vocab, **{"block_size": 32, "n_embd": 32, "n_head": 2, **architecture})
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
@@ -228,7 +229,7 @@ def test_rl_lite_prompt_longer_than_the_block_is_cropped_from_the_left(tmp_path)
 
 def test_rl_lite_nan_reward_is_a_non_finite_error(tmp_path, monkeypatch):
     model = RLLiteModule(init_from=str(tinygpt_checkpoint(tmp_path / "t.ckpt")), samples_per_prompt=4, max_new_chars=6)
-    monkeypatch.setattr("lit_rlhf.modules.rl_lite.keyword_length_reward", lambda *args: math.nan)
+    monkeypatch.setattr("lit_rlhf.tinygpt.rl_lite.keyword_length_reward", lambda *args: math.nan)
     with pytest.raises(NonFiniteError, match=r"train/reward = \[nan, nan, nan, nan\] at step 0.*reward settings"):
         model.training_step(["ab"], 0)
 

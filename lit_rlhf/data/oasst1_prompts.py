@@ -3,14 +3,13 @@
 import json
 import random
 from collections import Counter
-from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lit_rlhf.artifacts import EVAL_PROMPTS, reward_model_seen
+from lit_rlhf.artifacts import reward_model_seen, write_eval_prompts
 from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.data.oasst1 import conversation, read_oasst1_rows
 from lit_rlhf.errors import UserInputError
@@ -161,17 +160,7 @@ class OASST1PromptDataModule(LightningDataModule):
             )
         self.train_prompts, self.eval_prompts = train, evaluation
         if self.trainer is not None and self.trainer.is_global_zero:
-            self.write_eval_prompts(Path(self.trainer.default_root_dir))
-
-    def write_eval_prompts(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        out = folder / EVAL_PROMPTS
-        tmp = out.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for p in self.eval_prompts:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        tmp.replace(out)
-        return out
+            write_eval_prompts(self.eval_prompts, self.trainer.default_root_dir)
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
@@ -185,12 +174,3 @@ class OASST1PromptDataModule(LightningDataModule):
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
         )
-
-
-def read_eval_prompts(path: str | Path) -> list[dict]:
-    """The unseen evaluation prompts a PPO run wrote (a run folder or the JSONL itself)."""
-    path = Path(path)
-    file = path / EVAL_PROMPTS if path.is_dir() else path
-    if not file.exists():
-        raise UserInputError(f"No evaluation prompts at '{file}'. Run the PPO stage first (it writes them).")
-    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -470,7 +470,6 @@ class PreferenceDataModule(LightningDataModule):
             "scoring": {
                 "max_length": self.hparams.max_length,
                 "min_prompt_tokens": self.hparams.min_prompt_tokens,
-                "chat_template": True,
             },
             "trained_on": {
                 "message_tree_ids": sorted({tree for ds in seen for tree in ds["message_tree_id"] if tree}),

@@ -9,18 +9,13 @@ models' test split. Policies train on the prompts of the first two groups only.
 import json
 from pathlib import Path
 
-from lit_rlhf.artifacts import EVAL_PROMPTS
+from lit_rlhf.artifacts import write_eval_prompts, write_jsonl
 from lit_rlhf.data.oasst1 import oasst1_preference_pairs
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError
 
 GROUPS = {"reward_model": 0.5, "judge": 0.25, "held_out": 0.25}
 PROMPT_ROWS = "prompt_rows.jsonl"
-
-
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def write_rlhf_splits(rows: list[dict], out: Path, seed: int = 0, lang: str | None = "en") -> dict[str, int]:
@@ -41,18 +36,18 @@ def write_rlhf_splits(rows: list[dict], out: Path, seed: int = 0, lang: str | No
         split = assign_splits(trees, {"train": 0.85, "validation": 0.15}, seed)
         for part in ("train", "validation"):
             chosen = [p for p in pairs if split.get(p["message_tree_id"]) == part]
-            _write_jsonl(chosen, out / name / f"{part}.jsonl")
+            write_jsonl(chosen, out / name / f"{part}.jsonl")
             counts[f"{name}/{part}"] = len(chosen)
         held_out = [p for p in pairs if group[p["message_tree_id"]] == "held_out"]
-        _write_jsonl(held_out, out / name / "test.jsonl")
+        write_jsonl(held_out, out / name / "test.jsonl")
         counts[f"{name}/test"] = len(held_out)
     training_rows = [row for row in rows if group[row["message_tree_id"]] != "held_out"]
-    _write_jsonl(training_rows, out / PROMPT_ROWS)
+    write_jsonl(training_rows, out / PROMPT_ROWS)
     prompts = [{"prompt": row["text"].strip(), "message_id": row["message_id"], "message_tree_id": row["message_tree_id"]}
                for row in rows
                if group[row["message_tree_id"]] == "held_out" and row.get("role") == "prompter"
                and row.get("parent_id") is None and (row.get("text") or "").strip()]  # fmt: skip
-    _write_jsonl(prompts, out / EVAL_PROMPTS)
+    write_eval_prompts(prompts, out)
     counts.update({"prompt_rows": len(training_rows), "eval_prompts": len(prompts)})
     return counts
 

@@ -24,8 +24,15 @@ from peft.utils import load_peft_weights
 from pydantic import PositiveInt
 from safetensors import SafetensorError
 
-from lit_rlhf.artifacts import EVAL_PROMPTS, POLICY, POLICY_ADAPTER, reward_model_info, reward_model_scoring, reward_model_seen
-from lit_rlhf.data.oasst1_prompts import read_eval_prompts
+from lit_rlhf.artifacts import (
+    EVAL_PROMPTS,
+    POLICY,
+    POLICY_ADAPTER,
+    read_eval_prompts,
+    reward_model_info,
+    reward_model_scoring,
+    reward_model_seen,
+)
 from lit_rlhf.errors import NonFiniteError, UserInputError, reason
 from lit_rlhf.eval.generation import generate_responses, is_truncated, response_logprobs
 from lit_rlhf.eval.kl_monitor import interpret_kl, ppo_curves

@@ -13,7 +13,6 @@ log-probs at step 0 would differ from the reference's and the implicit rewards w
 """
 
 import time
-from dataclasses import asdict, is_dataclass
 
 import torch
 from lightning.pytorch import LightningModule
@@ -22,9 +21,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from lit_rlhf.callbacks import ExportPolicy
 from lit_rlhf.errors import UserInputError, require_finite
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
-from lit_rlhf.modules.online import LoraSettings, peak_rss_gb, policy_and_reference
+from lit_rlhf.models.policy import LoraSettings, keep_trainable_weights, peak_rss_gb, policy_and_reference
+from lit_rlhf.rl.common import logprobs_from_logits
 from lit_rlhf.rl.dpo import dpo_loss, implicit_rewards, ipo_loss, response_token_mask, sequence_logps
-from lit_rlhf.rl.ppo import logprobs_from_logits
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -143,11 +142,7 @@ class DPOModule(LightningModule):
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only trainable weights: the reference (and LoRA's base) reload from model_name_or_path."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        lora = checkpoint["hyper_parameters"].get("lora")  # a dataclass or, from the CLI, a Namespace
-        if lora is not None and not isinstance(lora, dict):
-            checkpoint["hyper_parameters"]["lora"] = asdict(lora) if is_dataclass(lora) else lora.as_dict()
+        keep_trainable_weights(self, checkpoint)
 
     def configure_callbacks(self):
         return [ExportPolicy()]

@@ -15,8 +15,10 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL
-from lit_rlhf.modules.online import LoraSettings, OnlineRLModule
-from lit_rlhf.rl.grpo import group_advantages, grpo_loss, k3_kl, leave_one_out_advantages, rloo_loss
+from lit_rlhf.models.policy import LoraSettings
+from lit_rlhf.modules.online import OnlineRLModule
+from lit_rlhf.rl.common import k3_kl
+from lit_rlhf.rl.grpo import group_advantages, grpo_loss, leave_one_out_advantages, rloo_loss
 
 
 class GRPOModule(OnlineRLModule):

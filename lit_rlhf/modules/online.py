@@ -10,24 +10,29 @@ updates and off in the rollout, the probability ratio at the first update would 
 clipping would fire on dropout noise. Hence LoRA here has no dropout setting.
 """
 
-import copy
 import math
-import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
 
 import torch
 from lightning.pytorch import LightningModule
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lit_rlhf.artifacts import reward_model_scoring
 from lit_rlhf.callbacks import ExportPolicy
 from lit_rlhf.errors import NonFiniteError
-from lit_rlhf.models.hf import load_causal_lm, load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.hf import load_sequence_scorer, load_tokenizer
+from lit_rlhf.models.policy import (
+    LoraSettings,
+    count_trainable,
+    freeze,
+    keep_trainable_weights,
+    peak_rss_gb,
+    policy_and_reference,
+)
 from lit_rlhf.models.scoring import score_responses
-from lit_rlhf.rl.ppo import (
+from lit_rlhf.rl.common import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
@@ -38,41 +43,6 @@ from lit_rlhf.rl.ppo import (
 )
 from lit_rlhf.tables import log_table
 from lit_rlhf.text import pad_sequences
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8
-    alpha: int = 32
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-
-    def config(self, task_type: str) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=0.0,
-                          target_modules=list(self.target_modules), task_type=task_type)  # fmt: skip
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB), for comparing methods' cost."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def policy_and_reference(model_name_or_path: str, lora: LoraSettings | None, trust_remote_code: bool = False):
-    """(policy, reference): full, the reference is a frozen copy; LoRA, the reference is None (the
-    policy with its adapters disabled, no second copy)."""
-    policy = load_causal_lm(model_name_or_path, trust_remote_code=trust_remote_code)
-    if lora is None:
-        return policy, freeze(copy.deepcopy(policy))
-    return get_peft_model(policy, lora.config("CAUSAL_LM")), None
-
-
-def count_trainable(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
 
 
 class SampledTokenStats(LogitsProcessor):
@@ -407,12 +377,8 @@ class OnlineRLModule(LightningModule):
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only trainable weights: the reference and reward model reload from their paths."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_weights(self, checkpoint)
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
-        lora = checkpoint["hyper_parameters"].get("lora")  # a dataclass or, from the CLI, a Namespace
-        if lora is not None and not isinstance(lora, dict):
-            checkpoint["hyper_parameters"]["lora"] = asdict(lora) if is_dataclass(lora) else lora.as_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_controller" in checkpoint:

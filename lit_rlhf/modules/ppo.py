@@ -17,8 +17,10 @@ from peft import PeftModel, get_peft_model
 
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer
-from lit_rlhf.modules.online import LoraSettings, OnlineRLModule, count_trainable
-from lit_rlhf.rl.ppo import gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
+from lit_rlhf.models.policy import LoraSettings, count_trainable
+from lit_rlhf.modules.online import OnlineRLModule
+from lit_rlhf.rl.common import masked_whiten
+from lit_rlhf.rl.ppo import gae, ppo_policy_loss, ppo_value_loss, token_rewards
 
 
 class PPOModule(OnlineRLModule):
@@ -30,7 +32,6 @@ class PPOModule(OnlineRLModule):
     Args:
         model_name_or_path: the policy's starting model (hub id, local folder or `embedded:smollm2`).
         reward_model_path: the frozen reward-model folder exported by the reward-model stage.
-        value_model_path: where the critic starts (default: the reward model).
         lora: LoRA settings for the policy; None trains all weights (the "full" variant).
         critic_lora: LoRA settings for the critic (its scalar head stays fully trainable); None
             trains all its weights.
@@ -41,7 +42,7 @@ class PPOModule(OnlineRLModule):
         mini_batch_size: prompts per optimizer step (default: the whole rollout batch).
         kl_target: per-token KL the adaptive controller steers to; None keeps `init_kl_coef` fixed.
         kl_horizon_fraction: the controller's horizon as a share of the run's rollout samples
-            (`lit_rlhf.rl.ppo.kl_horizon_for_run`): 0.04 lets `kl_coef` double within 14% of the run.
+            (`lit_rlhf.rl.common.kl_horizon_for_run`): 0.04 lets `kl_coef` double within 14% of the run.
         missing_eos_penalty: subtracted from the score of responses that never emit EOS.
         reward_max_length: override of the max length the reward model was trained with (read
             from its export record; an override that differs is printed as a warning).
@@ -53,7 +54,6 @@ class PPOModule(OnlineRLModule):
         self,
         model_name_or_path: str = DEFAULT_MODEL,
         reward_model_path: str = "runs/reward_model/reward_model",
-        value_model_path: str | None = None,
         lora: LoraSettings | None = None,
         critic_lora: LoraSettings | None = None,
         policy_optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -73,7 +73,6 @@ class PPOModule(OnlineRLModule):
         lam: float = 0.95,
         clip_range: float = 0.2,
         clip_range_value: float = 0.2,
-        whiten_rewards: bool = False,
         max_grad_norm: float = 1.0,
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
@@ -91,7 +90,7 @@ class PPOModule(OnlineRLModule):
         )
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.policy_optimizer, self.value_optimizer = policy_optimizer, value_optimizer
-        critic = load_sequence_scorer(value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code)
+        critic = load_sequence_scorer(reward_model_path, self.tokenizer.pad_token_id, trust_remote_code)
         self.critic = get_peft_model(critic, critic_lora.config("SEQ_CLS")) if critic_lora else critic
         self.trainable_params["critic"] = count_trainable(self.critic)
         self.describe_trainable()
@@ -125,8 +124,6 @@ class PPOModule(OnlineRLModule):
         mask = ro["mask"]
         kl, kl_per_token = self.kl_penalty(ro, batch_idx, hp.kl_estimator)
         rewards, non_score_reward = token_rewards(ro["scores"], kl, mask, self.kl_controller.value)
-        if hp.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_across=self._sum_across_ranks)
         advantages, returns = gae(rewards, ro["values"], mask, hp.gamma, hp.lam)
         advantages = masked_whiten(advantages, mask, sum_across=self._sum_across_ranks)
         stats = self._optimise(ro, advantages, returns)

@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric, PearsonCorrCoef
 from torchmetrics.classification import BinaryAccuracy
 
-from lit_rlhf.artifacts import REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
+from lit_rlhf.artifacts import REWARD_MODEL, REWARD_MODEL_INFO, reward_model_info, save_folder_atomically
 from lit_rlhf.callbacks import ExportBest
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
 from lit_rlhf.models.frozen_trunk import (
@@ -40,6 +40,8 @@ from lit_rlhf.models.hf import DEFAULT_MODEL, has_odin_head, load_causal_lm, loa
 from lit_rlhf.rl.odin import length_disentangle_loss, orthogonality_loss
 from lit_rlhf.tables import log_table, markdown_table, run_dir
 
+# bucket edges of `test/accuracy_ratio_*` (SHP's score ratios: chosen score / rejected score)
+SCORE_RATIO_EDGES = (2.0, 3.0, 5.0, 10.0)
 # test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
 METHODS = (("accuracy", "reward model"), ("baseline_longer_reply", "longer reply wins (characters)"),
            ("baseline_zero_shot_logprob", "zero-shot mean log-prob of the base model"))  # fmt: skip
@@ -152,15 +154,13 @@ class RewardModel(LightningModule):
         reward_output: what the ODIN export's scorers read: `quality` (ODIN's choice) or `sum`.
         trainable_top_blocks: train only the top N blocks + final norm + head (CPU setting);
             None trains everything.
-        lora_r: when set, train LoRA adapters (peft) on `lora_target_modules` + the head instead;
+        lora_r: when set, train LoRA adapters (peft) on q_proj / v_proj + the head instead;
             the export merges them into plain weights.
         cache_frozen_trunk: keep the frozen trunk's output (top-N-blocks setting, Llama-style
             models, no dropout in the frozen blocks); off by itself where it does not apply.
         trunk_cache_path: the cache file, relative to trainer.default_root_dir; None = memory only.
         baseline_model: the causal LM of the zero-shot log-prob baseline; default: the base model
             the export was trained from (its `lit_rlhf_export.json`), else `model_name_or_path`.
-        score_ratio_edges: bucket edges for `test/accuracy_ratio_*` (SHP's score ratios).
-        export_dir: where the best model is written, relative to trainer.default_root_dir.
     """
 
     def __init__(
@@ -177,14 +177,11 @@ class RewardModel(LightningModule):
         lora_r: int | None = None,
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         cache_frozen_trunk: bool = True,
         trunk_cache_path: str | None = "frozen_trunk_cache.safetensors",
         baseline_model: str | None = None,
-        score_ratio_edges: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0),
-        export_dir: str = "reward_model",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -217,11 +214,11 @@ class RewardModel(LightningModule):
                 r=lora_r,
                 lora_alpha=lora_alpha,
                 lora_dropout=lora_dropout,
-                target_modules=lora_target_modules or ["q_proj", "v_proj"],
+                target_modules=["q_proj", "v_proj"],
             )
             self.model = get_peft_model(self.model, config)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
-        edges = torch.tensor(score_ratio_edges, dtype=torch.float32)
+        edges = torch.tensor(SCORE_RATIO_EDGES, dtype=torch.float32)
         self.register_buffer("score_ratio_edges", edges, persistent=False)
         self.val_loss, self.val_margin, self.val_accuracy = MeanMetric(), MeanMetric(), BinaryAccuracy()
         if self.odin:  # the quality output alone, and both outputs' correlation with the replies' length
@@ -542,8 +539,7 @@ class RewardModel(LightningModule):
         if self.trunk_cache is not None:
             self.trunk_cache.save()
         if self.trainer.is_global_zero:
-            target = Path(self.hparams.export_dir)
-            target = target if target.is_absolute() else Path(self.trainer.default_root_dir) / target
+            target = Path(self.trainer.default_root_dir) / REWARD_MODEL
             self.export(target, info)
             summary = {key: value for key, value in info.items() if key != "trained_on"}
             print(f"[lit_rlhf] reward model exported to {target} ({summary})")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_rlhf.rl.ppo import masked_mean
+from lit_rlhf.rl.common import k3_kl, masked_mean
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -39,12 +39,6 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int, normalize: 
     baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
     advantages = (grouped - baseline).view(-1)
     return (advantages - advantages.mean()) / (advantages.std() + 1e-4) if normalize else advantages
-
-
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token exp(q - p) - (q - p) - 1 >= 0 (Schulman's k3), GRPO's KL term."""
-    delta = ref_logprobs - logprobs
-    return torch.exp(delta) - delta - 1
 
 
 @dataclass

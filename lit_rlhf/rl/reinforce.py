@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from lit_rlhf.rl.common import masked_mean
+
 
 def keyword_progress(text: str, keyword: str) -> int:
     """Length of the longest prefix of `keyword` that occurs in `text` (case-insensitive):
@@ -53,11 +55,6 @@ def update_baseline(baseline: float | None, rewards: torch.Tensor, momentum: flo
     """Exponential moving average of the mean reward (starts at the first batch's mean)."""
     mean = rewards.float().mean().item()
     return mean if baseline is None else momentum * baseline + (1 - momentum) * mean
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def reinforce_loss(

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from helpers import config_args
 
-from lit_rlhf.artifacts import REWARD_MODEL_INFO
+from lit_rlhf.artifacts import REWARD_MODEL_INFO, read_eval_prompts
 from lit_rlhf.cli import LitRLHFCLI
 from lit_rlhf.data.oasst1 import read_oasst1_rows
-from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule, read_eval_prompts, split_prompts
+from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule, split_prompts
 from lit_rlhf.models.hf import load_tokenizer
 from lit_rlhf.text import chat_prompt_ids
 from ppo_fixtures import make_parity_policy, make_parity_reward_model

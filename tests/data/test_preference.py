@@ -193,7 +193,7 @@ def test_pair_ids_length_report_and_export_record(tmp_path, smol_tokenizer_dir, 
     assert len(train) == 8 and max(len(ids) for ids in train["chosen_ids"]) == 64  # counted, not dropped
     assert "1 of 8 pairs longer than max_length 64 (kept, cut)" in capsys.readouterr().out
     assert dm.export_record() == {
-        "scoring": {"max_length": 64, "min_prompt_tokens": 16, "chat_template": True},
+        "scoring": {"max_length": 64, "min_prompt_tokens": 16},
         "trained_on": {"message_tree_ids": [f"t{i}" for i in range(5)], "post_ids": [f"q{i}" for i in range(10)]},
     }
 

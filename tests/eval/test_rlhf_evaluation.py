@@ -222,7 +222,7 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
     root, base, reward, full, lora_run = fake_runs
     exported = shutil.copytree(reward, tmp_path / "rm")
     (exported / REWARD_MODEL_INFO).write_text(json.dumps({
-        "scoring": {"max_length": 96, "min_prompt_tokens": 24, "chat_template": True},
+        "scoring": {"max_length": 96, "min_prompt_tokens": 24},
         "trained_on": {"message_tree_ids": ["3", "7"], "post_ids": ["11"]},
     }))
     prompts = [{"prompt": f"Question number {i}: what is {i} plus {i}?", "message_id": str(i),

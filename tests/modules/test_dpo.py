@@ -15,8 +15,8 @@ from lit_rlhf.cli import main
 from lit_rlhf.data.preference import PreferenceDataModule
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.eval.rlhf import load_lora_policy, training_cost
+from lit_rlhf.models.policy import LoraSettings
 from lit_rlhf.modules.dpo import DPOModule
-from lit_rlhf.modules.online import LoraSettings
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG, LORA, CPU = REPO / "configs/rlhf/dpo.yaml", REPO / "configs/lora/dpo.yaml", REPO / "configs/cpu/dpo.yaml"

@@ -153,7 +153,8 @@ def prompt_batch(policy, data_root, n: int = 16) -> dict:
 
 
 def advantages_and_returns(ro: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    from lit_rlhf.rl.ppo import gae, kl_estimate, masked_whiten, token_rewards
+    from lit_rlhf.rl.common import kl_estimate, masked_whiten
+    from lit_rlhf.rl.ppo import gae, token_rewards
 
     mask = ro["mask"]
     kl = kl_estimate(ro["logprobs"], ro["ref_logprobs"]) * mask
@@ -163,7 +164,7 @@ def advantages_and_returns(ro: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plain_forward(module: PPOModule, ro: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's log-probs and the critic's values from one full-batch forward pass."""
-    from lit_rlhf.rl.ppo import logprobs_from_logits
+    from lit_rlhf.rl.common import logprobs_from_logits
 
     width = ro["mask"].size(1)
     with torch.no_grad():

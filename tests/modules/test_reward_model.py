@@ -248,7 +248,7 @@ def test_cli_fit_then_test_on_the_exported_folder(tiny_llama_dir, separable_dir,
     assert (exported / "model.safetensors").exists() and list((tmp_path / "fit" / "checkpoints").glob("best-*.ckpt"))
     assert (tmp_path / "fit" / "preprocessed_preview.md").exists()
     # the export records how to score (the data module's settings) and what it trained and validated on
-    assert reward_model_scoring(exported) == {"max_length": 64, "min_prompt_tokens": 16, "chat_template": True}
+    assert reward_model_scoring(exported) == {"max_length": 64, "min_prompt_tokens": 16}
     seen = reward_model_seen(exported)
     assert seen["post_ids"] == {f"q{i}" for i in range(48)}  # train (0-39) + validation (40-47), not test
     assert seen["message_tree_ids"] == {f"t{i}" for i in range(24)}

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_rlhf.rl.grpo import group_advantages, grpo_loss, k3_kl, leave_one_out_advantages, rloo_loss
+from lit_rlhf.rl.common import k3_kl
+from lit_rlhf.rl.grpo import group_advantages, grpo_loss, leave_one_out_advantages, rloo_loss
 
 
 def t(*rows):

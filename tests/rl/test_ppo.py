@@ -5,17 +5,8 @@ import math
 import pytest
 import torch
 
-from lit_rlhf.rl.ppo import (
-    AdaptiveKLController,
-    gae,
-    kl_estimate,
-    logprobs_from_logits,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    token_rewards,
-)
+from lit_rlhf.rl.common import AdaptiveKLController, kl_estimate, logprobs_from_logits, masked_mean, masked_whiten
+from lit_rlhf.rl.ppo import gae, ppo_policy_loss, ppo_value_loss, token_rewards
 
 
 def t(*rows):
@@ -100,7 +91,7 @@ def test_kl_horizon_relative_to_the_run_lets_the_controller_steer():
     """Task scale: 2 000 prompts x 5 epochs in rollouts of 64. A KL at 3x the target must raise
     kl_coef enough to matter (here: by half) within the first 10% of the run; the fixed horizon of
     10 000 samples moved it by less than 4% there."""
-    from lit_rlhf.rl.ppo import kl_horizon_for_run
+    from lit_rlhf.rl.common import kl_horizon_for_run
 
     total, batch = 2000 * 5, 64
     iterations = total // batch

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from distributed_helpers import batch, rank_main
-from lit_rlhf.rl.ppo import masked_mean, masked_whiten
+from lit_rlhf.rl.common import masked_mean, masked_whiten
 
 
 def test_whitening_and_kl_controller_see_the_global_batch():

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from lit_rlhf.rl.common import masked_mean
 from lit_rlhf.rl.reinforce import (
     keyword_length_reward,
     keyword_progress,
-    masked_mean,
     reinforce_loss,
     token_statistics,
     update_baseline,

@@ -7,10 +7,10 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_rlhf.data.char_tokenizer import UNK
-from lit_rlhf.data.prompts import PromptsDataModule
-from lit_rlhf.modules.rl_lite import RLLiteModule, distinct_char_fraction
-from lit_rlhf.modules.tinygpt import read_tinygpt_checkpoint
+from lit_rlhf.tinygpt.pretrain import read_tinygpt_checkpoint
+from lit_rlhf.tinygpt.prompts import PromptsDataModule
+from lit_rlhf.tinygpt.rl_lite import RLLiteModule, distinct_char_fraction
+from lit_rlhf.tinygpt.tokenizer import UNK
 
 VOCAB = [UNK, "a", "d", "t"]
 

@@ -9,7 +9,7 @@ import torch
 
 from lit_rlhf.cli import main
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.modules.tinygpt import TinyGPTModule, read_tinygpt_checkpoint
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule, read_tinygpt_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,24 +8,15 @@ import torch_fidelity
 from lightning.pytorch import Trainer
 from medmnist_helpers import fit_tiny_dcgan, real_arrays, tiny_split, write_tiny_medmnist
 
-from lit_rlhf.data.medmnist import MedMNISTDataModule, to_signed_unit
-from lit_rlhf.eval import gan_report
-from lit_rlhf.eval.gan_metrics import collapse_verdict, evaluate_samples, fd_trend, inception_fid_kid
-from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
+from lit_rlhf.dcgan import report as gan_report
+from lit_rlhf.dcgan.classifier import MedMNISTClassifier
+from lit_rlhf.dcgan.medmnist import MedMNISTDataModule, to_signed_unit
+from lit_rlhf.dcgan.metrics import collapse_verdict, evaluate_samples, fd_trend, inception_fid_kid
 
 
 def images_and_classes(n: int, seed: int):
     images, labels = tiny_split("dermamnist", n, np.random.default_rng(seed))
     return to_signed_unit(torch.from_numpy(images).permute(0, 3, 1, 2)), torch.from_numpy(labels[:, 0]).long()
-
-
-@pytest.fixture
-def one_thread():
-    """Small CNNs train several times faster on one intra-op thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_classifier(images: torch.Tensor, classes: torch.Tensor, steps: int = 80, lr: float = 3e-3):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lit_rlhf.cli import main
-from lit_rlhf.data.char_tokenizer import UNK
-from lit_rlhf.modules.sft_tinygpt import SFTTinyGPTModule
-from lit_rlhf.modules.tinygpt import read_tinygpt_checkpoint
+from lit_rlhf.tinygpt.pretrain import read_tinygpt_checkpoint
+from lit_rlhf.tinygpt.sft import SFTTinyGPTModule
+from lit_rlhf.tinygpt.tokenizer import UNK
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "".join(chr(ord("a") + i % 26) for i in range(6000))

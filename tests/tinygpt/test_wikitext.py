@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 
-from lit_rlhf.data.char_tokenizer import UNK
-from lit_rlhf.data.wikitext import WikiText2DataModule
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.tinygpt.tokenizer import UNK
+from lit_rlhf.tinygpt.wikitext import WikiText2DataModule
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20
 

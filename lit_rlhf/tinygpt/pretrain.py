@@ -10,14 +10,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from pydantic import NonNegativeInt, PositiveInt
 from torchmetrics import MeanMetric
 
-from lit_rlhf.data.char_tokenizer import CharTokenizer
 from lit_rlhf.errors import UserInputError, load_checkpoint, require_finite
-from lit_rlhf.models.tinygpt import TinyGPT, TinyGPTConfig
 from lit_rlhf.tables import log_table
+from lit_rlhf.tinygpt.model import TinyGPT, TinyGPTConfig
+from lit_rlhf.tinygpt.tokenizer import CharTokenizer
 
 # Hyper-parameters that fix the shape of a TinyGPT (with `vocab`); every TinyGPT-family module
 # (pretraining, SFT, RL-lite) stores them, so any of their checkpoints can start another stage.
 ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
+SAMPLE_TEMPERATURE = 0.8  # of the sample completions logged during training
 
 
 def read_tinygpt_checkpoint(path: str) -> tuple[list[str], dict, dict[str, torch.Tensor]]:
@@ -57,7 +58,6 @@ class TinyGPTModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_prompts: tuple[str, ...] = ("The ", "In 1990 , "),
         sample_chars: NonNegativeInt = 120,
-        sample_temperature: float = 0.8,
         init_from: str | None = None,
     ):
         super().__init__()
@@ -150,7 +150,7 @@ class TinyGPTModule(LightningModule):
             out = self.model.generate(
                 idx,
                 max_new_chars or self.hparams.sample_chars,
-                temperature=self.hparams.sample_temperature,
+                temperature=SAMPLE_TEMPERATURE,
                 generator=generator,
             )
             outputs.append(self.tokenizer.decode(out[0, idx.size(1) :]))

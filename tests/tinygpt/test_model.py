@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_rlhf.models.tinygpt import TinyGPT, TinyGPTConfig
+from lit_rlhf.tinygpt.model import TinyGPT, TinyGPTConfig
 
 
 def tiny(**overrides) -> TinyGPT:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from medmnist_helpers import real_arrays, real_medmnist, tiny_split, write_real_slice, write_tiny_medmnist
 
-from lit_rlhf.data.medmnist import FLAGS, MedMNISTDataModule, load_split, save_medmnist_npz
+from lit_rlhf.dcgan.medmnist import FLAGS, MedMNISTDataModule, load_split, save_medmnist_npz
 from lit_rlhf.errors import UserInputError
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_rlhf.modules.tinygpt import TinyGPTModule
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule
 
 
 @pytest.fixture
@@ -21,13 +21,3 @@ def tinygpt_checkpoint(tmp_path):
         return path
 
     return make
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one intra-op thread; on a busy 2-core machine two threads wait
-    for each other at every op and make a TinyGPT test ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

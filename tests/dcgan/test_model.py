@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_rlhf.models.dcgan import Discriminator, Generator
+from lit_rlhf.dcgan.model import Discriminator, Generator
 
 
 @pytest.mark.parametrize("size", [28, 64])

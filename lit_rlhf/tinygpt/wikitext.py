@@ -7,10 +7,10 @@ from lightning.pytorch import LightningDataModule
 from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
-from lit_rlhf.data.char_tokenizer import CharTokenizer
 from lit_rlhf.data.loaders import resumable_loader
-from lit_rlhf.data.text_sources import read_corpus
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.tinygpt.corpus import read_corpus
+from lit_rlhf.tinygpt.tokenizer import CharTokenizer
 
 
 class CharWindows(Dataset):

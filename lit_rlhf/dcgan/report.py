@@ -1,7 +1,7 @@
-"""`python -m lit_rlhf.eval.gan_report --ckpt <dcgan run>/checkpoints/last.ckpt --classifier <cls ckpt>`
+"""`python -m lit_rlhf.dcgan.report --ckpt <dcgan run>/checkpoints/last.ckpt --classifier <cls ckpt>`
 
 Samples the trained DCGAN, measures quality / diversity / memorisation against held-out real
-images (`gan_metrics`), and writes next to the training grids (`<run>/samples/`):
+images (`lit_rlhf.dcgan.metrics`), and writes next to the training grids (`<run>/samples/`):
 `gan_report.md` (the analysis: diverse / partial collapse / collapse), `gan_metrics.json`,
 `report_samples.png` (8×4) and `nearest_neighbours.png`; all logged to W&B (offline unless
 WANDB_MODE says otherwise).
@@ -19,9 +19,9 @@ from lightning.pytorch.loggers import WandbLogger
 from medmnist import INFO
 from torchvision.utils import save_image
 
-from lit_rlhf.data.medmnist import MedMNISTDataModule, to_signed_unit
-from lit_rlhf.errors import UserInputError, as_paragraph, load_checkpoint, require_existing
-from lit_rlhf.eval.gan_metrics import (
+from lit_rlhf.dcgan.classifier import load_classifier
+from lit_rlhf.dcgan.medmnist import MedMNISTDataModule, to_signed_unit
+from lit_rlhf.dcgan.metrics import (
     DUPLICATE_SSIM,
     MEMORISATION_RATIO,
     MIN_CLASS_SHARE,
@@ -30,8 +30,8 @@ from lit_rlhf.eval.gan_metrics import (
     fd_trend,
     nearest_neighbour,
 )
-from lit_rlhf.modules.dcgan import DCGAN, image_grid, plot_domain_fd_curve
-from lit_rlhf.modules.medmnist_classifier import load_classifier
+from lit_rlhf.dcgan.module import DCGAN, image_grid, plot_domain_fd_curve
+from lit_rlhf.errors import UserInputError, as_paragraph, load_checkpoint, require_existing
 from lit_rlhf.tables import markdown_table
 from lit_rlhf.tracking import wandb_mode
 
@@ -230,7 +230,7 @@ def log_to_wandb(markdown: str, metrics: dict, out: Path, root: Path, flag: str)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_rlhf.eval.gan_report", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m lit_rlhf.dcgan.report", description=__doc__.split("\n\n")[1])
     parser.add_argument("--ckpt", required=True, help="DCGAN checkpoint (its data module settings name the data)")
     parser.add_argument("--classifier", required=True, help="MedMNISTClassifier checkpoint trained on the same flag")
     parser.add_argument("--root", help="folder holding the .npz, if not the one used in training")

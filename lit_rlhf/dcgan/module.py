@@ -15,11 +15,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
-from lit_rlhf.data.medmnist import to_signed_unit
+from lit_rlhf.dcgan.classifier import load_classifier
+from lit_rlhf.dcgan.medmnist import to_signed_unit
+from lit_rlhf.dcgan.metrics import domain_fd_kid
+from lit_rlhf.dcgan.model import Discriminator, Generator
 from lit_rlhf.errors import UserInputError, require_finite
-from lit_rlhf.eval.gan_metrics import domain_fd_kid
-from lit_rlhf.models.dcgan import Discriminator, Generator
-from lit_rlhf.modules.medmnist_classifier import load_classifier
 from lit_rlhf.tables import run_dir
 
 GRID_COLUMNS, GRID_ROWS = 8, 4

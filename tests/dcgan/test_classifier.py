@@ -3,9 +3,9 @@ import torch
 from lightning.pytorch import Trainer
 from medmnist_helpers import write_tiny_medmnist
 
-from lit_rlhf.data.medmnist import MedMNISTDataModule
+from lit_rlhf.dcgan.classifier import MedMNISTClassifier, load_classifier
+from lit_rlhf.dcgan.medmnist import MedMNISTDataModule
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier, load_classifier
 
 
 def test_classifier_learns_and_exposes_features(tmp_path):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lit_rlhf.data.char_tokenizer import UNK, CharTokenizer
-from lit_rlhf.data.sft_chars import IGNORE_INDEX, SFTCharsDataModule, encode_pair, pair_starts, split_windows
 from lit_rlhf.errors import UserInputError
+from lit_rlhf.tinygpt.sft_data import IGNORE_INDEX, SFTCharsDataModule, encode_pair, pair_starts, split_windows
+from lit_rlhf.tinygpt.tokenizer import UNK, CharTokenizer
 
 TEXT = "".join(chr(ord("a") + i % 26) for i in range(2000))  # abc...zabc... : every window differs
 VOCAB = [UNK, *"abcdefghijklmnopqrstuvwxyz", "I", "A", ":", ">", " ", "\n"]

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.eval.tinygpt_results import COLUMNS, main, results_table
-from lit_rlhf.modules.sft_tinygpt import answer_metrics
+from lit_rlhf.tinygpt.results import COLUMNS, main, results_table
+from lit_rlhf.tinygpt.sft import answer_metrics
 
 
 def scores(generated: str, target: str) -> dict[str, float]:

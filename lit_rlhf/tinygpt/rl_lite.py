@@ -7,15 +7,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from pydantic import PositiveInt
 
 from lit_rlhf.errors import UserInputError, require_finite
-from lit_rlhf.modules.tinygpt import TinyGPTModule
-from lit_rlhf.rl.reinforce import (
-    keyword_length_reward,
-    masked_mean,
-    reinforce_loss,
-    token_statistics,
-    update_baseline,
-)
+from lit_rlhf.rl.common import masked_mean
+from lit_rlhf.rl.reinforce import keyword_length_reward, reinforce_loss, token_statistics, update_baseline
 from lit_rlhf.tables import log_table
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule
 
 
 def distinct_char_fraction(text: str) -> float:

@@ -1,7 +1,7 @@
 """The reference report's results table (pre-training vs SFT vs RL-lite on TinyGPT), built from the
 runs' own `metrics.csv` files.
 
-    python -m lit_rlhf.eval.tinygpt_results --pretrain runs/pretrain_tinygpt --sft runs/sft_tinygpt \
+    python -m lit_rlhf.tinygpt.results --pretrain runs/pretrain_tinygpt --sft runs/sft_tinygpt \
         --rl runs/rl_lite --out runs/tinygpt_results [--wandb]
 
 A run folder is a trainer.default_root_dir; all its `csv/version_*` are read (a resumed run whole).

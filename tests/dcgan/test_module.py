@@ -8,10 +8,10 @@ from medmnist_helpers import fit_tiny_dcgan, write_real_slice
 from PIL import Image
 
 from lit_rlhf.cli import LitRLHFCLI
-from lit_rlhf.data.medmnist import MedMNISTDataModule
+from lit_rlhf.dcgan.classifier import MedMNISTClassifier
+from lit_rlhf.dcgan.medmnist import MedMNISTDataModule
+from lit_rlhf.dcgan.module import DCGAN
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.modules.dcgan import DCGAN
-from lit_rlhf.modules.medmnist_classifier import MedMNISTClassifier
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,9 +7,9 @@ from pydantic import NonNegativeInt, PositiveInt
 from torchmetrics import MetricCollection
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
-from lit_rlhf.data.sft_chars import SFTExample
-from lit_rlhf.modules.tinygpt import TinyGPTModule
 from lit_rlhf.tables import log_table
+from lit_rlhf.tinygpt.pretrain import TinyGPTModule
+from lit_rlhf.tinygpt.sft_data import SFTExample
 
 
 def answer_metrics(prefix: str = "val/") -> MetricCollection:

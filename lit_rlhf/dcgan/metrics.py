@@ -18,7 +18,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lit_rlhf.data.medmnist import to_uint8
+from lit_rlhf.dcgan.medmnist import to_uint8
 
 # Verdict thresholds (see `collapse_verdict`); SSIM of random pairs, shares, TV distance in [0, 1].
 DUPLICATE_SSIM = 0.9
