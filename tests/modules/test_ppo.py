@@ -193,7 +193,7 @@ def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch)
     monkeypatch.setattr(module.policy, "_get_logits_processor", spy)
     batch = prompt_batch(policy, data_root)
     assert len({len(ids) for ids in batch["input_ids"]}) > 4  # prompts of many lengths: trimming matters
-    module.hparams.forward_batch_size, module.hparams.generation_batch_size = 5, 6
+    module.settings["forward_batch_size"], module.settings["generation_batch_size"] = 5, 6  # what the code reads
     ro = module.rollout(batch)
     assert set(used) == {"SampledTokenStats", "TemperatureLogitsWarper"}, used
     mask = ro["mask"]
@@ -235,7 +235,7 @@ def test_ppo_loss_does_not_depend_on_the_micro_batch_size(parity_models, data_ro
     policy_opt, value_opt = updates_without_steps(module)
     grads = {}
     for micro in (16, 3):
-        module.hparams.forward_batch_size = micro
+        module.settings["forward_batch_size"] = micro  # what `_micro_batches` reads
         stats = module._optimise(ro, advantages, returns)
         grads[micro] = policy_opt.grads, value_opt.grads
         assert stats["policy/approxkl_avg"] < 1e-8  # the first pass sees the rollout policy
