@@ -29,8 +29,11 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
-    """(prompt text up to the assistant header, response text with its end-of-turn tokens)."""
+def render_prompt_response(tokenizer, prompt, response: str, ended: bool = True) -> tuple[str, str]:
+    """(prompt text up to the assistant header, response text), the response as a closed assistant
+    turn (with its end-of-turn tokens) when it `ended`, else as the open turn it is: an answer cut at
+    `max_new_tokens` must not read as one the assistant chose to end (TRL scores the generated ids
+    as they are). This is the one place that decides how a (prompt, response, ended) triple reads."""
     messages = as_messages(prompt)
     if tokenizer.chat_template is None:
         raise UserInputError(
@@ -38,7 +41,8 @@ def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
             "cannot be rendered as user/assistant turns. Use an instruct model (e.g. SmolLM2-Instruct)."
         )
     head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
+                                         continue_final_message=not ended)  # fmt: skip
     if not full.startswith(head):
         raise UserInputError(
             f"The chat template of '{tokenizer.name_or_path}' does not render the prompt as a prefix of "
@@ -48,7 +52,7 @@ def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
 
 
 def encode_prompt_response(
-    tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64
+    tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64, ended: bool = True
 ) -> tuple[list[int], dict]:
     """Token ids of prompt + response through the chat template, at most `max_length` long.
 
@@ -56,27 +60,37 @@ def encode_prompt_response(
     `min_prompt_tokens` for the prompt. The prompt is then cut from the *left* (system header and
     older turns go first, the question's end and the assistant header stay). The second value
     holds the cut flags, `prompt_tokens` (kept: the response starts there) and
-    `untruncated_tokens` (the length before any cut).
+    `untruncated_tokens` (the length before any cut). `ended`: see `render_prompt_response`.
     """
+    return encode_prompt_responses(tokenizer, prompt, [response], max_length, min_prompt_tokens, [ended])[0]
+
+
+def encode_prompt_responses(
+    tokenizer, prompt, responses: Sequence[str], max_length: int, min_prompt_tokens: int = 64,
+    ended: Sequence[bool] | None = None,
+) -> list[tuple[list[int], dict]]:
+    """`encode_prompt_response` for several responses to one prompt, whose prompt is cut ONCE, to
+    the budget the longest (cut) response leaves: every response conditions on identical prompt
+    tokens, as a preference pair must (DPO compares the two log-probs given the same prompt)."""
     if not 0 <= min_prompt_tokens < max_length:
         raise UserInputError(f"min_prompt_tokens ({min_prompt_tokens}) must be in [0, max_length {max_length}).")
-    head, tail = render_prompt_response(tokenizer, prompt, response)
-    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    untruncated = len(prompt_ids) + len(response_ids)
-    response_cut = len(response_ids) > max_length - min_prompt_tokens
-    response_ids = response_ids[: max_length - min_prompt_tokens]
-    budget = max_length - len(response_ids)
-    info = {
-        "prompt_cut": len(prompt_ids) > budget,
-        "prompt_over_max_length": len(prompt_ids) > max_length,
-        "response_cut": response_cut,
-        "untruncated_tokens": untruncated,
-    }
-    if info["prompt_cut"]:
-        prompt_ids = prompt_ids[len(prompt_ids) - budget :]
-    info["prompt_tokens"] = len(prompt_ids)
-    return prompt_ids + response_ids, info
+    rendered = [render_prompt_response(tokenizer, prompt, r, e)
+                for r, e in zip(responses, ended or [True] * len(responses), strict=True)]  # fmt: skip
+    prompt_ids = tokenizer(rendered[0][0], add_special_tokens=False)["input_ids"]
+    tails = [tokenizer(tail, add_special_tokens=False)["input_ids"] for _, tail in rendered]
+    kept_tails = [tail[: max_length - min_prompt_tokens] for tail in tails]
+    budget = max_length - max(len(tail) for tail in kept_tails)
+    kept_prompt = prompt_ids[len(prompt_ids) - budget :] if len(prompt_ids) > budget else prompt_ids
+    return [
+        (kept_prompt + kept, {
+            "prompt_cut": len(prompt_ids) > budget,
+            "prompt_over_max_length": len(prompt_ids) > max_length,
+            "response_cut": len(tail) > len(kept),
+            "untruncated_tokens": len(prompt_ids) + len(tail),
+            "prompt_tokens": len(kept_prompt),
+        })
+        for tail, kept in zip(tails, kept_tails)
+    ]
 
 
 def chat_prompt_ids(tokenizer, user_text: str | list[dict], max_length: int) -> tuple[list[int], str | list[dict]]:
