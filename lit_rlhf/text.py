@@ -2,7 +2,9 @@
 
 Every stage must read text the same way: the reward model is trained on pairs encoded by
 `encode_prompt_response`, and PPO/GRPO/RLOO and the evaluation score responses with that same
-encoding; the policy and evaluation generate from `chat_prompt_ids`. Keeping every chat-template
+encoding; the policy and evaluation generate from `chat_prompt_ids`. A generated response is scored as a
+closed assistant turn when it ended (EOS) and as an open one when it was cut (`render_prompt_response`),
+in training rollouts and evaluation alike. Keeping every chat-template
 call here means a change to the encoding changes it everywhere at once. `pad_sequences` is the one
 padding of id lists into (input_ids, attention_mask): right padding for scoring and training
 batches, left padding for generation (new tokens go on the right).

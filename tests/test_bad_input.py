@@ -397,7 +397,7 @@ def test_evaluation_long_prompts_are_cut_from_the_left_when_generating(fake_runs
 def test_evaluation_nan_rewards_stop_before_anything_is_written(fake_runs, tmp_path, monkeypatch, capsys):
     from lit_rlhf.eval import rlhf
 
-    monkeypatch.setattr(rlhf, "score_responses", lambda model, tok, prompts, *args: torch.full((len(prompts),), math.nan))
+    monkeypatch.setattr(rlhf, "score_responses", lambda model, tok, prompts, *args, **kwargs: torch.full((len(prompts),), math.nan))
     out = tmp_path / "eval"
     message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, ppo_full="null", ppo_lora="null",
                                                                     eval_prompts=fake_runs[3] / "eval_prompts.jsonl")))

@@ -28,11 +28,14 @@ class GRPOModule(OnlineRLModule):
     Args:
         num_generations: responses per prompt (k, at least 2); a rollout is batch_size x k responses.
         num_iterations: passes over each rollout (TRL's name; 1 = on-policy, the ratio stays 1).
-        beta: KL coefficient (TRL's name); with `kl_target` set it is the adaptive controller's start.
+        beta: KL coefficient (TRL's name); with `kl_target` set it is the adaptive controller's start,
+            and the controller measures the estimator the loss penalises (k3, `penalised_kl`).
         loss_type: "grpo" (mean over each response's tokens, then over responses) or "bnpo"
             (mean over all tokens), as in TRL.
         scale_rewards: divide advantages by the group's std ("group"), the batch's ("batch") or not ("none").
         epsilon_low, epsilon_high: the clip range of the ratio, 1 - low .. 1 + high.
+        mini_batch_size: prompts per optimizer step, each with all its `num_generations` responses
+            (default: the whole rollout batch).
         Other arguments as in `PPOModule`.
     """
 
@@ -80,6 +83,11 @@ class GRPOModule(OnlineRLModule):
         self.optimizer = optimizer
         self.describe_trainable()
 
+    def penalised_kl(self) -> str:
+        """The KL estimator the objective penalises (k3, in the loss): the one the adaptive controller
+        steers `beta` on and the one logged as `objective/kl*`."""
+        return "k3"
+
     def advantages(self, ro: dict, kl: torch.Tensor) -> torch.Tensor:
         return group_advantages(ro["scores"], self.hparams.num_generations, self.hparams.scale_rewards)
 
@@ -106,10 +114,11 @@ class GRPOModule(OnlineRLModule):
             ro["ref_logprobs"] = self.reference_logprobs(ro)
             ro["scores"] = self.scores(ro)
         rollout_seconds = time.perf_counter() - started
-        kl, kl_per_token = self.kl_penalty(ro, batch_idx)
+        kl, kl_per_token = self.kl_penalty(ro, batch_idx, self.penalised_kl())
         advantages = self.advantages(ro, kl)
         self.policy.eval()  # no dropout, as in the rollout (see lit_rlhf.modules.online)
-        stats = self.update(ro, hp.num_iterations, hp.mini_batch_size, self.micro_loss(ro, advantages), hp.max_grad_norm)
+        stats = self.update(ro, hp.num_iterations, hp.mini_batch_size, self.micro_loss(ro, advantages), hp.max_grad_norm,
+                            group_size=hp.num_generations)  # fmt: skip
         group_std = ro["scores"].view(-1, hp.num_generations).std(1)
         metrics = {"reward_std": group_std.mean(), "frac_reward_zero_std": (group_std < 1e-6).float().mean(), **stats}
         self.log_iteration(ro, kl, kl_per_token, started, rollout_seconds, metrics, batch_idx)
@@ -165,6 +174,10 @@ class RLOOModule(GRPOModule):
             missing_eos_penalty, beta, kl_target, kl_horizon_fraction, "grpo", "none", epsilon_low, epsilon_high,
             max_grad_norm, reward_max_length, sample_every_n_steps, trust_remote_code,
         )
+
+    def penalised_kl(self) -> str:
+        """k1 when it is subtracted from the reward (`kl_in="reward"`), k3 when added to the loss."""
+        return "k1" if self.hparams.kl_in == "reward" else "k3"
 
     def advantages(self, ro: dict, kl: torch.Tensor) -> torch.Tensor:
         rewards = ro["scores"]

@@ -16,7 +16,7 @@ from pydantic import NonNegativeInt, PositiveInt
 from peft import PeftModel, get_peft_model
 
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer, load_tokenizer
 from lit_rlhf.modules.online import LoraSettings, OnlineRLModule, count_trainable
 from lit_rlhf.rl.ppo import gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
 
@@ -30,7 +30,8 @@ class PPOModule(OnlineRLModule):
     Args:
         model_name_or_path: the policy's starting model (hub id, local folder or `embedded:smollm2`).
         reward_model_path: the frozen reward-model folder exported by the reward-model stage.
-        value_model_path: where the critic starts (default: the reward model).
+        value_model_path: where the critic starts (default: the reward model); its tokenizer must be
+            the policy's (the critic reads the policy's ids), else the run is refused.
         lora: LoRA settings for the policy; None trains all weights (the "full" variant).
         critic_lora: LoRA settings for the critic (its scalar head stays fully trainable); None
             trains all its weights.
@@ -91,10 +92,28 @@ class PPOModule(OnlineRLModule):
         )
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.policy_optimizer, self.value_optimizer = policy_optimizer, value_optimizer
+        self._require_critic_reads_policy_ids(value_model_path, trust_remote_code)
         critic = load_sequence_scorer(value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code)
         self.critic = get_peft_model(critic, critic_lora.config("SEQ_CLS")) if critic_lora else critic
         self.trainable_params["critic"] = count_trainable(self.critic)
         self.describe_trainable()
+
+    def _require_critic_reads_policy_ids(self, value_model_path: str | None, trust_remote_code: bool) -> None:
+        """The critic reads the policy's token ids, so its tokenizer must be the policy's. Scoring
+        re-tokenizes text for the reward model, the critic cannot: refused rather than read garbage.
+        (Refused, not silently initialised from the policy: the reward model is the usual start.)"""
+        if value_model_path is None:
+            critic_tokenizer, option = self.reward_tokenizer, "model.reward_model_path"
+        else:
+            option = "model.value_model_path"
+            critic_tokenizer = load_tokenizer(value_model_path, trust_remote_code=trust_remote_code, option=option)
+        if critic_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise UserInputError(
+                f"The PPO critic starts from '{critic_tokenizer.name_or_path}' ({option}), whose tokenizer differs "
+                f"from the policy's ('{self.tokenizer.name_or_path}'), but the critic reads the policy's token ids. "
+                "Set model.value_model_path to a model with the policy's tokenizer (e.g. the policy itself, "
+                "--model.value_model_path <model_name_or_path>), or train the reward model from the policy's model."
+            )
 
     def _values(self, sequences, attention_mask, response_length: int) -> torch.Tensor:
         critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic

@@ -97,7 +97,7 @@ def test_lora_trains_only_adapters_and_reloads(tmp_path, parity_models, data_roo
 
 def test_non_finite_reward_stops_with_clear_error(tmp_path, parity_models, data_root, monkeypatch, capsys):
     policy, reward = parity_models
-    monkeypatch.setattr(PPOModule, "score", lambda self, p, r: torch.full((len(p),), math.nan))
+    monkeypatch.setattr(PPOModule, "score", lambda self, p, r, ended: torch.full((len(p),), math.nan))
     with pytest.raises(SystemExit) as exit_info:
         run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
     assert exit_info.value.code == 2
@@ -201,7 +201,7 @@ def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch)
     assert torch.allclose(ro["logprobs"] * mask, logprobs * mask, atol=1e-4)
     assert torch.allclose(ro["ref_logprobs"] * mask, logprobs * mask, atol=1e-4)  # full variant: ref = policy at start
     assert torch.allclose(ro["values"] * mask, values * mask, atol=1e-5)
-    single = torch.cat([module.score([p], [t]) for p, t in zip(ro["prompts"], ro["texts"])])
+    single = torch.cat([module.score([p], [t], [e]) for p, t, e in zip(ro["prompts"], ro["texts"], ro["has_eos"].tolist())])
     assert torch.allclose(ro["scores"], single, atol=1e-5)
 
 
@@ -290,10 +290,31 @@ def test_ppo_scores_as_the_reward_model_was_trained(parity_models, tmp_path, mon
     (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24}}))
     calls = []
     monkeypatch.setattr(online, "score_responses", lambda *args, **kwargs: calls.append((args[4], kwargs)) or torch.zeros(1))
-    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"])
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"], [True])
     assert calls[-1][0] == 96 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning" not in capsys.readouterr().out
-    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128).score(["q"], ["a"])
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128).score(["q"], ["a"], [True])
     assert calls[-1][0] == 128 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
         capsys.readouterr().out)
+
+
+def test_a_critic_whose_tokenizer_is_not_the_policys_is_refused(parity_models, tmp_path):
+    """The critic reads the policy's token ids: a reward model (its default start) or value model with
+    another tokenizer is refused; scoring alone re-tokenizes, so the same reward model with the
+    policy as the critic's start is fine."""
+    import shutil
+
+    from lit_rlhf.errors import UserInputError
+    from lit_rlhf.models.hf import load_tokenizer
+
+    policy, reward = parity_models
+    other = shutil.copytree(reward, tmp_path / "rm_other_tokenizer")
+    tokenizer = load_tokenizer(str(other))
+    tokenizer.add_tokens(["<|not_in_the_policy|>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(UserInputError, match=r"tokenizer differs from the policy's.*model.value_model_path"):
+        PPOModule(model_name_or_path=str(policy), reward_model_path=str(other))
+    with pytest.raises(UserInputError, match=r"\(model.value_model_path\), whose tokenizer differs"):
+        PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), value_model_path=str(other))
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(other), value_model_path=str(policy))
