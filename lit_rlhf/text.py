@@ -95,26 +95,51 @@ def encode_prompt_responses(
     ]
 
 
-def chat_prompt_ids(tokenizer, user_text: str | list[dict], max_length: int) -> tuple[list[int], str | list[dict]]:
+def require_system_prompt_renders(tokenizer, system_prompt: str | None) -> None:
+    """Refuse a system instruction the chat template drops or cannot render (some templates have no
+    system role, others replace or ignore it): the policy would silently train without it."""
+    if system_prompt is None:
+        return
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hi."}]
+    from jinja2 import TemplateError  # a template's raise_exception (e.g. "no system role") raises it
+
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError) as error:
+        rendered = f"<{type(error).__name__}: {error}>"
+    if not system_prompt.strip() or system_prompt.strip() not in rendered:
+        raise UserInputError(
+            f"The chat template of '{tokenizer.name_or_path}' does not render the system instruction "
+            f"{system_prompt!r} (it rendered {rendered[:200]!r}). Use a model whose chat template has a system "
+            "role, or leave system_prompt unset (null)."
+        )
+
+
+def chat_prompt_ids(
+    tokenizer, user_text: str | list[dict], max_length: int, system_prompt: str | None = None
+) -> tuple[list[int], str | list[dict]]:
     """Token ids of `user_text` as a user turn plus the generation prompt, at most `max_length` long.
 
     Too-long prompts lose the *start* of the user text, so the chat template (system turn, user
     header, generation prompt) stays intact. Returns (ids, the user text actually kept).
     A conversation (`[{"role", "content"}, ...]` ending with a user turn) loses its oldest
-    user/assistant exchanges first, then the start of its last user text.
+    user/assistant exchanges first, then the start of its last user text. `system_prompt`, when
+    given, is the system turn in front (never cut; it replaces the template's default one).
     """
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     if not isinstance(user_text, str):
         messages = list(user_text)
         while len(messages) > 1:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)  # fmt: skip
             if len(ids) <= max_length:
                 return ids, messages
             messages = messages[2:]
-        ids, kept = chat_prompt_ids(tokenizer, messages[0]["content"], max_length)
+        ids, kept = chat_prompt_ids(tokenizer, messages[0]["content"], max_length, system_prompt)
         return ids, [{"role": "user", "content": kept}]
 
     def render(text: str) -> list[int]:
-        return tokenizer.apply_chat_template(as_messages(text), add_generation_prompt=True, tokenize=True,
+        return tokenizer.apply_chat_template(system + as_messages(text), add_generation_prompt=True, tokenize=True,
                                              return_dict=False)  # fmt: skip
 
     ids = render(user_text)

@@ -24,7 +24,9 @@ from peft.utils import load_peft_weights
 from pydantic import PositiveInt
 from safetensors import SafetensorError
 
-from lit_rlhf.artifacts import EVAL_PROMPTS, POLICY, POLICY_ADAPTER, reward_model_info, reward_model_scoring, reward_model_seen
+from lit_rlhf.artifacts import (
+    EVAL_PROMPTS, POLICY, POLICY_ADAPTER, policy_info, reward_model_info, reward_model_scoring, reward_model_seen,
+)
 from lit_rlhf.data.oasst1_prompts import read_eval_prompts
 from lit_rlhf.errors import NonFiniteError, UserInputError, reason
 from lit_rlhf.eval.generation import generate_responses, is_truncated, response_logprobs
@@ -33,6 +35,7 @@ from lit_rlhf.eval.runs import read_metrics
 from lit_rlhf.eval.stats import Interval, bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer, require_tokenizer_fits
 from lit_rlhf.models.scoring import score_responses
+from lit_rlhf.text import require_system_prompt_renders
 
 BASE = "Pretrained"
 JUDGES = ("training", "judge")
@@ -101,6 +104,7 @@ class EvalResult:
     kl_curves: dict[str, pd.DataFrame]  # per policy run that logged a KL series
     readings: list[str]
     human: dict[str, list[dict]]  # the rated generations per model
+    system_prompt: str | None = None  # the policies' system instruction, given to every model
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -182,6 +186,19 @@ def _valid_prompt(prompt) -> bool:
 def prompt_text(prompt) -> str:
     """A prompt as people read it: the text, or a conversation as `role: content` lines."""
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def policies_system_prompt(s: EvalSettings) -> str | None:
+    """The system instruction the policies trained with (their export records): every model, the
+    base included, answers under it. Policies trained under different ones cannot be compared."""
+    prompts = {name: policy_info(policy_export(run)[0]).get("system_prompt") for name, run in s.policies.items()}
+    if len(set(prompts.values())) > 1:
+        raise UserInputError(
+            f"The policies were trained with different system instructions ({prompts}; from the system_prompt in "
+            "each export's lit_rlhf_export.json), so no one setting answers for all of them. Evaluate the policies "
+            "of each system instruction in a separate evaluation (--policies)."
+        )
+    return next(iter(prompts.values()), None)
 
 
 def load_eval_prompts(s: EvalSettings) -> list[dict]:
@@ -354,6 +371,7 @@ def evaluate(s: EvalSettings) -> EvalResult:
         load_tokenizer(judge.path, option="--reward_model" if judge.role == "training" else "--judge_reward_model")
     for run in s.policies.values():
         policy_export(run)
+    system_prompt = policies_system_prompt(s)
     kl_curves = {}
     for name, run in s.policies.items():
         try:
@@ -363,6 +381,7 @@ def evaluate(s: EvalSettings) -> EvalResult:
 
     base_model, base_tokenizer = load_causal_lm(s.base_model), load_tokenizer(s.base_model, padding_side="left")
     require_tokenizer_fits(base_model, base_tokenizer, BASE)
+    require_system_prompt_renders(base_tokenizer, system_prompt)
     rng = np.random.default_rng(s.human_eval_seed)
     human_ids = sorted(rng.choice(len(texts), size=min(s.human_eval_prompts, len(texts)), replace=False).tolist())
     asked = [(i, k) for i in range(len(prompts)) for k in range(s.samples_per_prompt)]  # (prompt, sample)
@@ -375,11 +394,12 @@ def evaluate(s: EvalSettings) -> EvalResult:
         responses, token_ids, own = generate_responses(
             model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed,
             s.generation_batch_size or s.batch_size, s.max_prompt_length, desc=f"generating ({name})", return_logprobs=True,
+            system_prompt=system_prompt,
         )
         kl_sums = [0.0] * len(asked)
         if name != BASE:
             ref = response_logprobs(base_model, base_tokenizer, asked_prompts, token_ids, s.temperature,
-                                    s.max_prompt_length, s.batch_size)  # fmt: skip
+                                    s.max_prompt_length, s.batch_size, system_prompt)  # fmt: skip
             kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]
             del model
             gc.collect()
@@ -403,7 +423,7 @@ def evaluate(s: EvalSettings) -> EvalResult:
         readings.append(kl_reading(name, entry["kl_to_base"], s.kl_low, s.kl_high))
     readings += [line for name, entry in summary.items()
                  if (line := truncation_reading(name, entry["truncated_share"], s.max_new_tokens))]  # fmt: skip
-    return EvalResult(s, records, judges, summary, kl_curves, readings, human)
+    return EvalResult(s, records, judges, summary, kl_curves, readings, human, system_prompt)
 
 
 def score_with(judge: Judge, prompts: list, records: pd.DataFrame, s: EvalSettings) -> list[float]:

@@ -51,6 +51,13 @@ def answers(count: int) -> str:
     return "one sampled answer" if count == 1 else f"{count} sampled answers"
 
 
+def system_text(system_prompt: str | None) -> str:
+    if system_prompt is None:
+        return "under the chat template's default system turn"
+    return (f"under the policies' system instruction {system_prompt!r} (the base model's too; the reward models "
+            "do not see it)")
+
+
 def seconds_text(cost: dict) -> str:
     if "seconds_per_iteration" in cost:
         return f"{cost['seconds_per_iteration']:.1f}"
@@ -76,7 +83,8 @@ def write_outputs(result: EvalResult, out: Path) -> Path:
     (out / human_ratings.GENERATIONS_FILE).write_text(json.dumps(result.human, indent=2, ensure_ascii=False),
                                                       encoding="utf-8")  # fmt: skip
     kl_png = plot_kl(result.kl_curves, out / "kl.png", result.settings.kl_low, result.settings.kl_high) if result.kl_curves else None
-    summary = {**result.summary, "readings": result.readings, "num_prompts": int(result.records.prompt_id.nunique())}
+    summary = {**result.summary, "readings": result.readings, "num_prompts": int(result.records.prompt_id.nunique()),
+               "system_prompt": result.system_prompt}  # fmt: skip
     for judge in result.judges:  # flat keys: the dict entries of summary.json are the models
         summary.update({f"{judge.role}_reward_{key}": value for key, value in judge.scoring.items()})
         summary[f"prompts_seen_by_{judge.role}_reward_model"] = judge.overlap
@@ -100,7 +108,8 @@ def write_report(result: EvalResult, out: Path, kl_png: Path | None, human_md: P
         f"## Reward on {records.prompt_id.nunique()} unseen prompts",
         "",
         f"Same seed ({s.seed}) and decoding for every model: temperature {s.temperature}, top_k 0, top_p 1, "
-        f"up to {s.max_new_tokens} new tokens, {answers(s.samples_per_prompt)} per prompt. Reward models: {judges}. "
+        f"up to {s.max_new_tokens} new tokens, {answers(s.samples_per_prompt)} per prompt, "
+        f"{system_text(result.system_prompt)}. Reward models: {judges}. "
         "The judge (when given) was trained on other message trees and never optimised against. Intervals: 95% "
         "percentile bootstrap over prompts (paired for gains) of each prompt's mean over its answers; ties count "
         "half in win rates. Length-controlled gain: the gain of the rewards' residuals after the base model's "

@@ -66,6 +66,7 @@ class GRPOModule(OnlineRLModule):
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
+        system_prompt: str | None = None,
     ):
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         if num_generations < 2:
@@ -78,6 +79,7 @@ class GRPOModule(OnlineRLModule):
         super().__init__(
             model_name_or_path, reward_model_path, lora, forward_batch_size, generation_batch_size, max_new_tokens,
             temperature, missing_eos_penalty, beta, kl_target, kl_horizon_fraction, reward_max_length, trust_remote_code,
+            system_prompt=system_prompt,
         )
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer = optimizer
@@ -117,8 +119,8 @@ class GRPOModule(OnlineRLModule):
         kl, kl_per_token = self.kl_penalty(ro, batch_idx, self.penalised_kl())
         advantages = self.advantages(ro, kl)
         self.policy.eval()  # no dropout, as in the rollout (see lit_rlhf.modules.online)
-        stats = self.update(ro, hp.num_iterations, hp.mini_batch_size, self.micro_loss(ro, advantages), hp.max_grad_norm,
-                            group_size=hp.num_generations)  # fmt: skip
+        loss, k = self.micro_loss(ro, advantages), hp.num_generations
+        stats = self.update(ro, hp.num_iterations, hp.mini_batch_size, loss, hp.max_grad_norm, group_size=k)
         group_std = ro["scores"].view(-1, hp.num_generations).std(1)
         metrics = {"reward_std": group_std.mean(), "frac_reward_zero_std": (group_std < 1e-6).float().mean(), **stats}
         self.log_iteration(ro, kl, kl_per_token, started, rollout_seconds, metrics, batch_idx)
@@ -165,6 +167,7 @@ class RLOOModule(GRPOModule):
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
+        system_prompt: str | None = None,
     ):
         if kl_in not in {"reward", "loss"}:
             raise UserInputError(f"kl_in must be 'reward' or 'loss', not '{kl_in}'.")
@@ -172,7 +175,7 @@ class RLOOModule(GRPOModule):
             model_name_or_path, reward_model_path, lora, optimizer, num_generations, forward_batch_size,
             generation_batch_size, mini_batch_size, num_iterations, max_new_tokens, temperature,
             missing_eos_penalty, beta, kl_target, kl_horizon_fraction, "grpo", "none", epsilon_low, epsilon_high,
-            max_grad_norm, reward_max_length, sample_every_n_steps, trust_remote_code,
+            max_grad_norm, reward_max_length, sample_every_n_steps, trust_remote_code, system_prompt,
         )
 
     def penalised_kl(self) -> str:

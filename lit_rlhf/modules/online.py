@@ -38,7 +38,7 @@ from lit_rlhf.rl.ppo import (
     masked_mean,
 )
 from lit_rlhf.tables import log_table
-from lit_rlhf.text import pad_sequences
+from lit_rlhf.text import pad_sequences, require_system_prompt_renders
 
 
 @dataclass
@@ -127,6 +127,7 @@ class OnlineRLModule(LightningModule):
         kl_horizon_fraction: float,
         reward_max_length: int | None,
         trust_remote_code: bool,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -134,6 +135,7 @@ class OnlineRLModule(LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
         self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code,
                                                option="model.reward_model_path")  # fmt: skip
+        require_system_prompt_renders(self.tokenizer, system_prompt)  # before loading any weights
         self.policy, self.ref_policy = policy_and_reference(model_name_or_path, lora, trust_remote_code)
         self.reward_model = freeze(
             load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code, trained_head=True)
@@ -425,6 +427,11 @@ class OnlineRLModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+    def export_record(self) -> dict:
+        """What the evaluation must know about the exported policy: the system instruction its prompts
+        carried in training (the evaluation gives it to this policy and to the base model alike)."""
+        return {"system_prompt": self.hparams.system_prompt}
 
     def configure_callbacks(self):
         return [ExportPolicy()]

@@ -46,6 +46,10 @@ class PPOModule(OnlineRLModule):
         missing_eos_penalty: subtracted from the score of responses that never emit EOS.
         reward_max_length: override of the max length the reward model was trained with (read
             from its export record; an override that differs is printed as a warning).
+        system_prompt: a system instruction in front of every prompt the policy answers (e.g. one
+            asking for concise answers); the CLI passes it to the data module, the export records it
+            and the evaluation uses it for this policy and the base model. None: the template's default.
+            The reward model scores the user's prompt and the answer, without it.
     """
 
     method = "PPO"
@@ -79,6 +83,7 @@ class PPOModule(OnlineRLModule):
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
+        system_prompt: str | None = None,
     ):
         # as stored in checkpoints (plain types load with weights_only=True)
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
@@ -88,7 +93,7 @@ class PPOModule(OnlineRLModule):
         super().__init__(
             model_name_or_path, reward_model_path, lora, forward_batch_size, generation_batch_size, max_new_tokens,
             temperature, missing_eos_penalty, init_kl_coef, kl_target, kl_horizon_fraction, reward_max_length,
-            trust_remote_code,
+            trust_remote_code, system_prompt=system_prompt,
         )
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.policy_optimizer, self.value_optimizer = policy_optimizer, value_optimizer

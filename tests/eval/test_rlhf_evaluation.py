@@ -298,6 +298,47 @@ def test_reward_hacking_reading_follows_the_numbers(training, judge, length_cont
     assert ("possible reward hacking" in reading) == ("hacking" in verdict)
 
 
+def test_the_policies_system_instruction_is_given_to_every_model(fake_runs, tmp_path, monkeypatch, capsys):
+    """A policy exported with a system instruction: the base model and the policy both answer under it
+    (generation and the KL pass), the report and summary say so; policies trained under different
+    instructions are refused before anything is written."""
+    import shutil
+
+    from lit_rlhf.artifacts import REWARD_MODEL_INFO
+    from lit_rlhf.eval import rlhf
+
+    root, base, reward, full, lora_run = fake_runs
+    brief = tmp_path / "brief"
+    shutil.copytree(full / "policy", brief / "policy")
+    (brief / "policy" / REWARD_MODEL_INFO).write_text(json.dumps({"system_prompt": "Answer in one sentence."}))
+    seen = []
+
+    def generation_spy(*args, **kwargs):
+        seen.append(("generate", kwargs["system_prompt"]))
+        return generate_responses(*args, **kwargs)
+
+    def kl_spy(*args, **kwargs):
+        seen.append(("kl", args[7]))
+        return response_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "generate_responses", generation_spy)
+    monkeypatch.setattr(rlhf, "response_logprobs", kl_spy)
+    args = ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
+            "--base_model", str(base), "--eval_prompts", str(full / "eval_prompts.jsonl"), "--max_new_tokens", "4", "--batch_size", "25",
+            "--bootstrap_resamples", "100", "--human_eval_prompts", "1"]  # fmt: skip
+    out = tmp_path / "evaluation"
+    evaluate.main([*args, "--policies", json.dumps({"Brief": str(brief)}), "--out_dir", str(out)])
+    assert seen == [("generate", "Answer in one sentence.")] * 2 + [("kl", "Answer in one sentence.")]
+    assert json.loads((out / "summary.json").read_text())["system_prompt"] == "Answer in one sentence."
+    assert "under the policies' system instruction 'Answer in one sentence.'" in (out / "report.md").read_text()
+    mixed = tmp_path / "mixed"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*args, "--policies", json.dumps({"Brief": str(brief), "PPO (full)": str(full)}),
+                       "--out_dir", str(mixed)])  # fmt: skip
+    assert exit_info.value.code == 2 and "different system instructions" in capsys.readouterr().err
+    assert not mixed.exists()
+
+
 def test_length_controlled_gain_removes_a_gain_that_is_only_length():
     """A policy whose extra reward is exactly what its extra length buys gains nothing once length is controlled."""
     from lit_rlhf.eval.rlhf import length_residuals
@@ -319,7 +360,8 @@ def test_length_controlled_gain_is_fit_on_the_base_model_alone(tmp_path):
 
     rng = np.random.default_rng(1)
     prompts = 40
-    lengths = {BASE: rng.integers(5, 40, prompts), "A": rng.integers(20, 60, prompts), "B": rng.integers(80, 128, prompts)}
+    lengths = {BASE: rng.integers(5, 40, prompts), "A": rng.integers(20, 60, prompts),
+               "B": rng.integers(80, 128, prompts)}  # fmt: skip
 
     def records(models):
         return pd.DataFrame([{"model": m, "prompt_id": i, "sample": 0, "length": int(n), "truncated": False,

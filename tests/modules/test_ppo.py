@@ -75,6 +75,31 @@ def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root
     assert module.kl_controller.value == pytest.approx(expected, rel=1e-4)
 
 
+def test_the_system_instruction_reaches_the_training_prompts_and_the_export(tmp_path, parity_models, data_root,
+                                                                          monkeypatch):  # fmt: skip
+    """--model.system_prompt: the data module encodes every training prompt under it (CLI link), and
+    the exported policy records it for the evaluation."""
+    import json
+
+    import lit_rlhf.data.oasst1_prompts as prompts_module
+    from lit_rlhf.artifacts import REWARD_MODEL_INFO
+
+    policy, reward = parity_models
+    encoded = []
+    real = prompts_module.chat_prompt_ids
+
+    def spy(tokenizer, prompt, max_length, system_prompt=None):
+        encoded.append(system_prompt)
+        return real(tokenizer, prompt, max_length, system_prompt)
+
+    monkeypatch.setattr(prompts_module, "chat_prompt_ids", spy)
+    run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1",
+            "--model.system_prompt", "Answer in one sentence.")  # fmt: skip
+    assert encoded and set(encoded) == {"Answer in one sentence."}
+    record = json.loads((tmp_path / "policy" / REWARD_MODEL_INFO).read_text())
+    assert record == {"system_prompt": "Answer in one sentence."}
+
+
 def test_lora_trains_only_adapters_and_reloads(tmp_path, parity_models, data_root):
     policy, reward = parity_models
     base_before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
@@ -201,7 +226,8 @@ def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch)
     assert torch.allclose(ro["logprobs"] * mask, logprobs * mask, atol=1e-4)
     assert torch.allclose(ro["ref_logprobs"] * mask, logprobs * mask, atol=1e-4)  # full variant: ref = policy at start
     assert torch.allclose(ro["values"] * mask, values * mask, atol=1e-5)
-    single = torch.cat([module.score([p], [t], [e]) for p, t, e in zip(ro["prompts"], ro["texts"], ro["has_eos"].tolist())])
+    ended = ro["has_eos"].tolist()
+    single = torch.cat([module.score([p], [t], [e]) for p, t, e in zip(ro["prompts"], ro["texts"], ended)])
     assert torch.allclose(ro["scores"], single, atol=1e-5)
 
 
@@ -293,7 +319,8 @@ def test_ppo_scores_as_the_reward_model_was_trained(parity_models, tmp_path, mon
     PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"], [True])
     assert calls[-1][0] == 96 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning" not in capsys.readouterr().out
-    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128).score(["q"], ["a"], [True])
+    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128)
+    module.score(["q"], ["a"], [True])
     assert calls[-1][0] == 128 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
         capsys.readouterr().out)
