@@ -20,7 +20,7 @@ REWARD_MODEL = "reward_model"  # the reward-model stage's export (HF folder)
 POLICY = "policy"  # a fully fine-tuned policy (HF folder): PPO, GRPO, RLOO, DPO
 POLICY_ADAPTER = "policy_adapter"  # a LoRA policy (peft folder)
 EVAL_PROMPTS = "eval_prompts.jsonl"  # the unseen prompts an online run held out
-REWARD_MODEL_INFO = "lit_rlhf_export.json"
+REWARD_MODEL_INFO = "lit_rlhf_export.json"  # the export record, in reward-model and policy folders
 # The scoring settings of exports that predate the record (the old defaults of PPO and evaluate).
 LEGACY_SCORING = {"max_length": 512, "min_prompt_tokens": 64}
 
@@ -29,6 +29,11 @@ def reward_model_info(folder: str | Path) -> dict:
     """The export record of a reward-model folder ({} when there is none, e.g. a hub model)."""
     file = Path(folder) / REWARD_MODEL_INFO
     return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def policy_info(folder: str | Path) -> dict:
+    """The export record of a policy folder: `{"system_prompt": ...}` ({} for exports without one)."""
+    return reward_model_info(folder)
 
 
 def reward_model_scoring(folder: str | Path) -> dict:
@@ -97,13 +102,16 @@ def read_eval_prompts(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def export_policy(policy, tokenizer, root: Path, lora: bool) -> Path:
-    """A trained policy -> `<root>/policy` (HF folder), or `<root>/policy_adapter` (peft folder) for LoRA."""
+def export_policy(policy, tokenizer, root: Path, lora: bool, record: dict | None = None) -> Path:
+    """A trained policy -> `<root>/policy` (HF folder), or `<root>/policy_adapter` (peft folder) for
+    LoRA, with `record` (e.g. its system instruction, `policy_info`) as `lit_rlhf_export.json`."""
     folder = Path(root) / (POLICY_ADAPTER if lora else POLICY)
 
     def save(staging: Path) -> None:
         policy.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if record:
+            (staging / REWARD_MODEL_INFO).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
     save_folder_atomically(folder, save)
     return folder

@@ -222,7 +222,8 @@ class ExportPolicy(Callback):
             return
         if trainer.is_global_zero:
             lora = bool(pl_module.hparams.lora)
-            folder = export_policy(pl_module.policy, pl_module.tokenizer, Path(trainer.default_root_dir), lora)
+            record = pl_module.export_record() if hasattr(pl_module, "export_record") else {}
+            folder = export_policy(pl_module.policy, pl_module.tokenizer, Path(trainer.default_root_dir), lora, record)
             print(f"[lit_rlhf] exported the trained {type(pl_module).__name__} policy to {folder}")
         trainer.strategy.barrier()
 

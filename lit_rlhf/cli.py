@@ -276,6 +276,8 @@ class LitRLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.reward_model_path", "data.init_args.reward_model_path")
         # Text data is tokenized by the model's own tokenizer: one setting, never two that must match.
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
+        # The policy's system instruction: the prompts it trains on carry the one its export records.
+        parser.link_arguments("model.init_args.system_prompt", "data.init_args.system_prompt")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -2,7 +2,9 @@
 
 Every stage must read text the same way: the reward model is trained on pairs encoded by
 `encode_prompt_response`, and PPO/GRPO/RLOO and the evaluation score responses with that same
-encoding; the policy and evaluation generate from `chat_prompt_ids`. Keeping every chat-template
+encoding; the policy and evaluation generate from `chat_prompt_ids`. A generated response is scored as a
+closed assistant turn when it ended (EOS) and as an open one when it was cut (`render_prompt_response`),
+in training rollouts and evaluation alike. Keeping every chat-template
 call here means a change to the encoding changes it everywhere at once. `pad_sequences` is the one
 padding of id lists into (input_ids, attention_mask): right padding for scoring and training
 batches, left padding for generation (new tokens go on the right).
@@ -29,8 +31,11 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
-    """(prompt text up to the assistant header, response text with its end-of-turn tokens)."""
+def render_prompt_response(tokenizer, prompt, response: str, ended: bool = True) -> tuple[str, str]:
+    """(prompt text up to the assistant header, response text), the response as a closed assistant
+    turn (with its end-of-turn tokens) when it `ended`, else as the open turn it is: an answer cut at
+    `max_new_tokens` must not read as one the assistant chose to end (TRL scores the generated ids
+    as they are). This is the one place that decides how a (prompt, response, ended) triple reads."""
     messages = as_messages(prompt)
     if tokenizer.chat_template is None:
         raise UserInputError(
@@ -38,7 +43,8 @@ def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
             "cannot be rendered as user/assistant turns. Use an instruct model (e.g. SmolLM2-Instruct)."
         )
     head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
+                                         continue_final_message=not ended)  # fmt: skip
     if not full.startswith(head):
         raise UserInputError(
             f"The chat template of '{tokenizer.name_or_path}' does not render the prompt as a prefix of "
@@ -48,7 +54,7 @@ def render_prompt_response(tokenizer, prompt, response: str) -> tuple[str, str]:
 
 
 def encode_prompt_response(
-    tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64
+    tokenizer, prompt, response: str, max_length: int, min_prompt_tokens: int = 64, ended: bool = True
 ) -> tuple[list[int], dict]:
     """Token ids of prompt + response through the chat template, at most `max_length` long.
 
@@ -56,49 +62,84 @@ def encode_prompt_response(
     `min_prompt_tokens` for the prompt. The prompt is then cut from the *left* (system header and
     older turns go first, the question's end and the assistant header stay). The second value
     holds the cut flags, `prompt_tokens` (kept: the response starts there) and
-    `untruncated_tokens` (the length before any cut).
+    `untruncated_tokens` (the length before any cut). `ended`: see `render_prompt_response`.
     """
+    return encode_prompt_responses(tokenizer, prompt, [response], max_length, min_prompt_tokens, [ended])[0]
+
+
+def encode_prompt_responses(
+    tokenizer, prompt, responses: Sequence[str], max_length: int, min_prompt_tokens: int = 64,
+    ended: Sequence[bool] | None = None,
+) -> list[tuple[list[int], dict]]:
+    """`encode_prompt_response` for several responses to one prompt, whose prompt is cut ONCE, to
+    the budget the longest (cut) response leaves: every response conditions on identical prompt
+    tokens, as a preference pair must (DPO compares the two log-probs given the same prompt)."""
     if not 0 <= min_prompt_tokens < max_length:
         raise UserInputError(f"min_prompt_tokens ({min_prompt_tokens}) must be in [0, max_length {max_length}).")
-    head, tail = render_prompt_response(tokenizer, prompt, response)
-    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    untruncated = len(prompt_ids) + len(response_ids)
-    response_cut = len(response_ids) > max_length - min_prompt_tokens
-    response_ids = response_ids[: max_length - min_prompt_tokens]
-    budget = max_length - len(response_ids)
-    info = {
-        "prompt_cut": len(prompt_ids) > budget,
-        "prompt_over_max_length": len(prompt_ids) > max_length,
-        "response_cut": response_cut,
-        "untruncated_tokens": untruncated,
-    }
-    if info["prompt_cut"]:
-        prompt_ids = prompt_ids[len(prompt_ids) - budget :]
-    info["prompt_tokens"] = len(prompt_ids)
-    return prompt_ids + response_ids, info
+    rendered = [render_prompt_response(tokenizer, prompt, r, e)
+                for r, e in zip(responses, ended or [True] * len(responses), strict=True)]  # fmt: skip
+    prompt_ids = tokenizer(rendered[0][0], add_special_tokens=False)["input_ids"]
+    tails = [tokenizer(tail, add_special_tokens=False)["input_ids"] for _, tail in rendered]
+    kept_tails = [tail[: max_length - min_prompt_tokens] for tail in tails]
+    budget = max_length - max(len(tail) for tail in kept_tails)
+    kept_prompt = prompt_ids[len(prompt_ids) - budget :] if len(prompt_ids) > budget else prompt_ids
+    return [
+        (kept_prompt + kept, {
+            "prompt_cut": len(prompt_ids) > budget,
+            "prompt_over_max_length": len(prompt_ids) > max_length,
+            "response_cut": len(tail) > len(kept),
+            "untruncated_tokens": len(prompt_ids) + len(tail),
+            "prompt_tokens": len(kept_prompt),
+        })
+        for tail, kept in zip(tails, kept_tails)
+    ]
 
 
-def chat_prompt_ids(tokenizer, user_text: str | list[dict], max_length: int) -> tuple[list[int], str | list[dict]]:
+def require_system_prompt_renders(tokenizer, system_prompt: str | None) -> None:
+    """Refuse a system instruction the chat template drops or cannot render (some templates have no
+    system role, others replace or ignore it): the policy would silently train without it."""
+    if system_prompt is None:
+        return
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hi."}]
+    from jinja2 import TemplateError  # a template's raise_exception (e.g. "no system role") raises it
+
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError) as error:
+        rendered = f"<{type(error).__name__}: {error}>"
+    if not system_prompt.strip() or system_prompt.strip() not in rendered:
+        raise UserInputError(
+            f"The chat template of '{tokenizer.name_or_path}' does not render the system instruction "
+            f"{system_prompt!r} (it rendered {rendered[:200]!r}). Use a model whose chat template has a system "
+            "role, or leave system_prompt unset (null)."
+        )
+
+
+def chat_prompt_ids(
+    tokenizer, user_text: str | list[dict], max_length: int, system_prompt: str | None = None
+) -> tuple[list[int], str | list[dict]]:
     """Token ids of `user_text` as a user turn plus the generation prompt, at most `max_length` long.
 
     Too-long prompts lose the *start* of the user text, so the chat template (system turn, user
     header, generation prompt) stays intact. Returns (ids, the user text actually kept).
     A conversation (`[{"role", "content"}, ...]` ending with a user turn) loses its oldest
-    user/assistant exchanges first, then the start of its last user text.
+    user/assistant exchanges first, then the start of its last user text. `system_prompt`, when
+    given, is the system turn in front (never cut; it replaces the template's default one).
     """
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     if not isinstance(user_text, str):
         messages = list(user_text)
         while len(messages) > 1:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)  # fmt: skip
             if len(ids) <= max_length:
                 return ids, messages
             messages = messages[2:]
-        ids, kept = chat_prompt_ids(tokenizer, messages[0]["content"], max_length)
+        ids, kept = chat_prompt_ids(tokenizer, messages[0]["content"], max_length, system_prompt)
         return ids, [{"role": "user", "content": kept}]
 
     def render(text: str) -> list[int]:
-        return tokenizer.apply_chat_template(as_messages(text), add_generation_prompt=True, tokenize=True,
+        return tokenizer.apply_chat_template(system + as_messages(text), add_generation_prompt=True, tokenize=True,
                                              return_dict=False)  # fmt: skip
 
     ids = render(user_text)

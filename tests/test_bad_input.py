@@ -337,6 +337,25 @@ def test_ppo_reward_model_path_pointing_at_a_policy_is_refused(parity_models):
         PPOModule(model_name_or_path=str(policy), reward_model_path=str(policy))
 
 
+def test_a_system_instruction_the_chat_template_cannot_render_is_refused(tmp_path, parity_models):
+    """A template without a system role (it drops the system turn) would train the policy without the
+    instruction its export records: refused before any weights load."""
+    import shutil
+
+    from lit_rlhf.models.hf import load_tokenizer
+
+    policy, reward = parity_models
+    no_system = shutil.copytree(policy, tmp_path / "no_system_role")
+    tokenizer = load_tokenizer(str(no_system))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    tokenizer.save_pretrained(no_system)
+    with pytest.raises(UserInputError, match="does not render the system instruction 'Be brief.'"):
+        PPOModule(model_name_or_path=str(no_system), reward_model_path=str(reward), system_prompt="Be brief.")
+    PPOModule(model_name_or_path=str(no_system), reward_model_path=str(reward))  # no instruction: nothing to render
+
+
 # -------------------------------------------------------------------------- evaluation
 
 
@@ -398,7 +417,8 @@ def test_evaluation_long_prompts_are_cut_from_the_left_when_generating(fake_runs
 def test_evaluation_nan_rewards_stop_before_anything_is_written(fake_runs, tmp_path, monkeypatch, capsys):
     from lit_rlhf.eval import rlhf
 
-    monkeypatch.setattr(rlhf, "score_responses", lambda model, tok, prompts, *args: torch.full((len(prompts),), math.nan))
+    monkeypatch.setattr(rlhf, "score_responses",
+                        lambda model, tok, prompts, *args, **kwargs: torch.full((len(prompts),), math.nan))
     out = tmp_path / "eval"
     message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, ppo_full="null", ppo_lora="null",
                                                                     eval_prompts=fake_runs[3] / "eval_prompts.jsonl")))

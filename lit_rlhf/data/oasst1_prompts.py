@@ -14,7 +14,7 @@ from lit_rlhf.data.loaders import resumable_loader
 from lit_rlhf.data.oasst1 import conversation, read_oasst1_rows
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
-from lit_rlhf.text import chat_prompt_ids
+from lit_rlhf.text import chat_prompt_ids, require_system_prompt_renders
 
 
 
@@ -113,6 +113,8 @@ class OASST1PromptDataModule(LightningDataModule):
             `<default_root_dir>/eval_prompts.jsonl` for the evaluation stage.
         max_prompt_length: longer prompts lose their oldest turns, then the start of their user
             text (template kept).
+        system_prompt: the policy's system instruction (linked from `model.init_args.system_prompt`
+            by the CLI), put in front of every training prompt; None keeps the template's default.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class OASST1PromptDataModule(LightningDataModule):
         batch_size: PositiveInt = 64,
         seed: int = 0,
         num_workers: NonNegativeInt = 0,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -141,9 +144,11 @@ class OASST1PromptDataModule(LightningDataModule):
             rows, hp.lang, hp.num_train_prompts, hp.num_eval_prompts, hp.seed, hp.follow_ups, seen, stats
         )
         tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+        require_system_prompt_renders(tokenizer, hp.system_prompt)
         truncated = 0
         for prompt in tqdm(train, desc="tokenizing prompts", leave=False):
-            prompt["input_ids"], kept = chat_prompt_ids(tokenizer, prompt["prompt"], hp.max_prompt_length)
+            prompt["input_ids"], kept = chat_prompt_ids(tokenizer, prompt["prompt"], hp.max_prompt_length,
+                                                        hp.system_prompt)  # fmt: skip
             truncated += kept != prompt["prompt"]
             prompt["prompt"] = kept
         kind = "root prompts and follow-ups with their conversation" if hp.follow_ups else "root prompts only"

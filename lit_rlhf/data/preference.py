@@ -26,7 +26,7 @@ from lit_rlhf.data.preference_sources import check_sources, read_source, split_s
 from lit_rlhf.data.splits import assign_splits
 from lit_rlhf.errors import UserInputError, is_local_path
 from lit_rlhf.tables import log_table, markdown_table, run_dir
-from lit_rlhf.text import encode_prompt_response, pad_sequences
+from lit_rlhf.text import encode_prompt_responses, pad_sequences
 
 SHP_HUB_ID = "stanfordnlp/SHP"
 SHP_FIELDS = (
@@ -150,11 +150,10 @@ CUT_FLAGS = ("prompt_cut", "prompt_over_max_length", "response_cut")
 
 
 def _encode_row(row: dict, tokenizer, max_length: int, min_prompt_tokens: int) -> dict:
-    encode = partial(
-        encode_prompt_response, tokenizer, row["prompt"], max_length=max_length, min_prompt_tokens=min_prompt_tokens
+    # one prompt cut for the pair: both sides condition on identical prompt tokens (DPO's contract)
+    (chosen, chosen_info), (rejected, rejected_info) = encode_prompt_responses(
+        tokenizer, row["prompt"], [row["chosen"], row["rejected"]], max_length, min_prompt_tokens
     )
-    chosen, chosen_info = encode(row["chosen"])
-    rejected, rejected_info = encode(row["rejected"])
     return {
         "chosen_ids": chosen,
         "rejected_ids": rejected,
@@ -252,7 +251,7 @@ class PreferenceDataModule(LightningDataModule):
        empty or identical responses (skipped), at most `max_pairs_per_post` per post (highest
        score ratio first), then seeded subsets of `max_train_pairs` / `max_eval_pairs`;
     3. encoding through the chat template, cut to `max_length` from the prompt's left
-       (`encode_prompt_response`); pairs identical after the cut are skipped;
+       (`encode_prompt_responses`, one prompt cut per pair); pairs identical after the cut are skipped;
     4. before training, a preview of `preview_rows` encoded pairs (`input_chosen | input_rejected`)
        to the console, W&B and `<run>/preprocessed_preview.md`.
 

@@ -19,12 +19,14 @@ def generate_responses(
     max_prompt_length: int = 256,
     desc: str = "generating",
     return_logprobs: bool = False,
+    system_prompt: str | None = None,
 ):
     """(texts, token ids up to the first EOS) per prompt; sampling with top_k=0, top_p=1 from `seed`.
 
     A prompt is a user text or a conversation (`[{"role", "content"}, ...]`, see `chat_prompt_ids`).
     `return_logprobs`: also each kept token's log-prob under logits / temperature, the distribution
     it was sampled from (what `response_logprobs` recomputes, without a second forward pass).
+    `system_prompt`: the system turn in front of every prompt (`chat_prompt_ids`).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -39,7 +41,7 @@ def generate_responses(
         return_dict_in_generate=True,
         output_logits=return_logprobs,
     )
-    encoded = [chat_prompt_ids(tokenizer, p, max_prompt_length)[0] for p in prompts]
+    encoded = [chat_prompt_ids(tokenizer, p, max_prompt_length, system_prompt)[0] for p in prompts]
     texts, token_ids, logprobs = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     torch.manual_seed(seed)  # the batches' order depends on the prompts alone: every model draws alike
     for batch in tqdm(batches_by_length([len(ids) for ids in encoded], batch_size), desc=desc, leave=False):
@@ -69,14 +71,16 @@ def is_truncated(token_ids: list[int], max_new_tokens: int) -> bool:
 @torch.no_grad()
 def response_logprobs(
     model, tokenizer, prompts: list, token_ids: list[list[int]], temperature: float, max_prompt_length: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, system_prompt: str | None = None,
 ) -> list[torch.Tensor]:
     """log p(token | prompt, earlier tokens) of each response token under logits / temperature, the
-    distribution `generate_responses` sampled from; prompts are encoded as it encoded them."""
+    distribution `generate_responses` sampled from; prompts are encoded as it encoded them (pass the
+    same `system_prompt`)."""
     model.eval()
     device = next(model.parameters()).device
     pad, scale = tokenizer.pad_token_id, temperature if temperature > 0 else 1.0
-    encoded = [(chat_prompt_ids(tokenizer, p, max_prompt_length)[0], list(r)) for p, r in zip(prompts, token_ids)]
+    encoded = [(chat_prompt_ids(tokenizer, p, max_prompt_length, system_prompt)[0], list(r))
+               for p, r in zip(prompts, token_ids)]  # fmt: skip
     result = [None] * len(prompts)
     for batch in batches_by_length([len(q) + len(r) for q, r in encoded], batch_size):
         pairs = [encoded[i] for i in batch]

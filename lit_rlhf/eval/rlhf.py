@@ -4,7 +4,8 @@ Every policy (and the base model) answers the same unseen prompts with one seed 
 setting; the responses are scored by the training reward model (the one the policies optimised)
 and, when given, by a judge reward model trained on other message trees. Per policy the result
 holds the gains over the base model with paired 95% intervals under both, a length-controlled gain
-(the gain of the rewards' residuals after regressing reward on response length), the per-token KL
+(the gain of the rewards' residuals after the base model's regression of reward on response length,
+`length_residuals`), the truncated share (answers cut at `max_new_tokens`, scored as open turns), the per-token KL
 to the base model measured on the evaluation's own samples (the same way for every method), and
 readings that flag possible reward hacking. `lit_rlhf.eval.rlhf_report` renders the result.
 """
@@ -28,6 +29,7 @@ from lit_rlhf.artifacts import (
     EVAL_PROMPTS,
     POLICY,
     POLICY_ADAPTER,
+    policy_info,
     read_eval_prompts,
     reward_model_info,
     reward_model_scoring,
@@ -40,6 +42,7 @@ from lit_rlhf.eval.runs import read_metrics
 from lit_rlhf.eval.stats import Interval, bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer, require_tokenizer_fits
 from lit_rlhf.models.scoring import score_responses
+from lit_rlhf.text import require_system_prompt_renders
 
 BASE = "Pretrained"
 JUDGES = ("training", "judge")
@@ -127,6 +130,7 @@ class EvalResult:
     kl_curves: dict[str, pd.DataFrame]  # per policy run that logged a KL series
     readings: list[str]
     human: dict[str, list[dict]]  # the rated generations per model
+    system_prompt: str | None = None  # the policies' system instruction, given to every model
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -210,6 +214,19 @@ def prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def policies_system_prompt(s: EvalSettings) -> str | None:
+    """The system instruction the policies trained with (their export records): every model, the
+    base included, answers under it. Policies trained under different ones cannot be compared."""
+    prompts = {name: policy_info(policy_export(run)[0]).get("system_prompt") for name, run in s.policies.items()}
+    if len(set(prompts.values())) > 1:
+        raise UserInputError(
+            f"The policies were trained with different system instructions ({prompts}; from the system_prompt in "
+            "each export's lit_rlhf_export.json), so no one setting answers for all of them. Evaluate the policies "
+            "of each system instruction in a separate evaluation (--policies)."
+        )
+    return next(iter(prompts.values()), None)
+
+
 def load_eval_prompts(s: EvalSettings) -> list[dict]:
     """The prompt rows, checked: a hand-edited or foreign file fails here, not after generation."""
     file = eval_prompt_file(s)
@@ -266,10 +283,21 @@ def reward_model_overlap(path: str, rows: list[dict]) -> int | None:
 # ---------------------------------------------------------------------------- statistics and readings
 
 
-def length_residuals(rewards: pd.Series, lengths: pd.Series) -> np.ndarray:
-    """Rewards less what a straight line in response length predicts (fit over all responses)."""
-    slope, intercept = np.polyfit(lengths.to_numpy(float), rewards.to_numpy(float), 1)
-    return rewards.to_numpy(float) - (intercept + slope * lengths.to_numpy(float))
+def length_residuals(rewards: pd.Series, lengths: pd.Series, fit_on: np.ndarray) -> np.ndarray:
+    """Rewards less what the base model's straight line in response length predicts.
+
+    r_i - (a + b L_i), with b = Cov(L, r) / Var(L) and a = mean(r) - b mean(L) over the `fit_on`
+    rows (the base model's answers; b = 0 if their lengths are all equal). A policy's
+    length-controlled gain is then mean_p[r_pol - r_base] - b mean_p[L_pol - L_base] over prompts p:
+    what its gain would be if extra length bought what it buys the base model. Fitting on the base
+    alone keeps a policy's figure independent of which other policies are evaluated (a fit pooled
+    over every model's answers moved with them).
+    """
+    x, y = lengths.to_numpy(float), rewards.to_numpy(float)
+    fx, fy = x[fit_on], y[fit_on]
+    variance = fx.var()
+    slope = ((fx - fx.mean()) * (fy - fy.mean())).mean() / variance if variance > 0 else 0.0
+    return y - (fy.mean() + slope * (x - fx.mean()))
 
 
 def reward_hacking_reading(name: str, training: Interval, judge: Interval | None, length_controlled: Interval) -> str:
@@ -287,6 +315,18 @@ def reward_hacking_reading(name: str, training: Interval, judge: Interval | None
     judged = f" and under the judge ({judge})" if judge is not None else " (no judge reward model given)"
     return (f"{name}: significant gain under the training reward model ({training}){judged}, and most of it "
             f"remains after controlling for length ({length_controlled}).")
+
+
+TRUNCATED_SHARE_LIMIT = 0.25  # above it, a model's rewards rest mostly on answers cut unfinished
+
+
+def truncation_reading(name: str, share: float, max_new_tokens: int) -> str | None:
+    """A flag for a model whose answers were mostly cut (None when at most `TRUNCATED_SHARE_LIMIT`)."""
+    if share <= TRUNCATED_SHARE_LIMIT:
+        return None
+    return (f"{name}: {share:.0%} of its answers did not end within {max_new_tokens} new tokens (above "
+            f"{TRUNCATED_SHARE_LIMIT:.0%}): its rewards, and every gain measured against it, rest largely on cut "
+            "answers (scored as open turns); raise max_new_tokens or ask for shorter answers before reading them.")
 
 
 def kl_reading(name: str, kl: float, low: float, high: float) -> str:
@@ -314,9 +354,10 @@ def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> di
     all on per-prompt means (one value per prompt and model, whatever `samples_per_prompt`)."""
     summary, ci = {}, {"n_resamples": s.bootstrap_resamples, "seed": s.seed}
     scores = records[["model", "prompt_id"]].copy()
+    base_rows = (records.model == BASE).to_numpy()
     for j in judges:
         scores[j.role] = records[f"{j.role}_reward"].to_numpy(float)
-        scores[f"{j.role}_residual"] = length_residuals(records[f"{j.role}_reward"], records.length)
+        scores[f"{j.role}_residual"] = length_residuals(records[f"{j.role}_reward"], records.length, base_rows)
     per_prompt = scores.groupby(["model", "prompt_id"], sort=False).mean()
     base, base_length = per_prompt.loc[BASE], records[records.model == BASE].length.mean()
     for model, group in records.groupby("model", sort=False):
@@ -356,6 +397,7 @@ def evaluate(s: EvalSettings) -> EvalResult:
         load_tokenizer(judge.path, option="--reward_model" if judge.role == "training" else "--judge_reward_model")
     for run in s.policies.values():
         policy_export(run)
+    system_prompt = policies_system_prompt(s)
     kl_curves = {}
     for name, run in s.policies.items():
         try:
@@ -365,6 +407,7 @@ def evaluate(s: EvalSettings) -> EvalResult:
 
     base_model, base_tokenizer = load_causal_lm(s.base_model), load_tokenizer(s.base_model, padding_side="left")
     require_tokenizer_fits(base_model, base_tokenizer, BASE)
+    require_system_prompt_renders(base_tokenizer, system_prompt)
     rng = np.random.default_rng(s.human_eval_seed)
     human_ids = sorted(rng.choice(len(texts), size=min(s.human_eval_prompts, len(texts)), replace=False).tolist())
     asked = [(i, k) for i in range(len(prompts)) for k in range(s.samples_per_prompt)]  # (prompt, sample)
@@ -377,11 +420,12 @@ def evaluate(s: EvalSettings) -> EvalResult:
         responses, token_ids, own = generate_responses(
             model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed,
             s.generation_batch_size or s.batch_size, s.max_prompt_length, desc=f"generating ({name})", return_logprobs=True,
+            system_prompt=system_prompt,
         )
         kl_sums = [0.0] * len(asked)
         if name != BASE:
             ref = response_logprobs(base_model, base_tokenizer, asked_prompts, token_ids, s.temperature,
-                                    s.max_prompt_length, s.batch_size)  # fmt: skip
+                                    s.max_prompt_length, s.batch_size, system_prompt)  # fmt: skip
             kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]
             del model
             gc.collect()
@@ -403,17 +447,21 @@ def evaluate(s: EvalSettings) -> EvalResult:
         readings.append(reward_hacking_reading(name, Interval(**entry["reward_gain"]), judge,
                                                Interval(**entry["length_controlled_gain"])))
         readings.append(kl_reading(name, entry["kl_to_base"], s.kl_low, s.kl_high))
-    return EvalResult(s, records, judges, summary, kl_curves, readings, human)
+    readings += [line for name, entry in summary.items()
+                 if (line := truncation_reading(name, entry["truncated_share"], s.max_new_tokens))]  # fmt: skip
+    return EvalResult(s, records, judges, summary, kl_curves, readings, human, system_prompt)
 
 
 def score_with(judge: Judge, prompts: list, records: pd.DataFrame, s: EvalSettings) -> list[float]:
     """Every model's responses scored by one reward model (loaded for this alone), in one pass so
-    that responses of similar length share batches whichever model wrote them."""
+    that responses of similar length share batches whichever model wrote them; a response cut at
+    `max_new_tokens` is scored as the open turn it is (`lit_rlhf.text.render_prompt_response`)."""
     tokenizer = load_tokenizer(judge.path, padding_side="right")
     model = load_sequence_scorer(judge.path, tokenizer.pad_token_id, trained_head=True).eval()
     require_tokenizer_fits(model, tokenizer, f"the {judge.role} reward model '{judge.path}'")
     scores = score_responses(model, tokenizer, [prompts[i] for i in records.prompt_id], records.response.tolist(),
-                             judge.scoring["max_length"], s.batch_size, judge.scoring["min_prompt_tokens"]).cpu()  # fmt: skip
+                             judge.scoring["max_length"], s.batch_size, judge.scoring["min_prompt_tokens"],
+                             ended=(~records.truncated.astype(bool)).tolist()).cpu()  # fmt: skip
     broken = pd.Series((~torch.isfinite(scores)).numpy()).groupby(records.model.to_numpy(), sort=False).agg(["sum", "size"])
     if broken["sum"].any():
         name, (count, total) = next((name, row) for name, row in broken.iterrows() if row["sum"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lit_rlhf.eval import human_ratings
 from lit_rlhf.eval.kl_monitor import plot_kl
-from lit_rlhf.eval.rlhf import BASE, EvalResult, Judge
+from lit_rlhf.eval.rlhf import BASE, TRUNCATED_SHARE_LIMIT, EvalResult, Judge
 from lit_rlhf.eval.stats import Interval
 from lit_rlhf.tables import markdown_table
 
@@ -17,13 +17,15 @@ def _interval(entry: dict, key: str) -> str:
 
 def reward_table(result: EvalResult) -> tuple[list[str], list[list]]:
     judged = any(j.role == "judge" for j in result.judges)
-    columns = ["Model", "Training-RM reward [95% CI]", "Gain [95% CI]", "Length-controlled gain", "Win rate"]
+    columns = ["Model", "Training-RM reward [95% CI]", "Gain [95% CI]", "Truncated share", "Length-controlled gain",
+               "Win rate"]  # fmt: skip
     if judged:
         columns += ["Judge-RM gain [95% CI]", "Judge length-controlled gain"]
     rows = []
     for model, e in result.summary.items():
-        row = [model, _interval(e, "mean_reward"), _interval(e, "reward_gain"), _interval(e, "length_controlled_gain"),
-               f"{e['win_rate']:.0%}" if "win_rate" in e else "—"]
+        truncated = f"{e['truncated_share']:.0%}" + (" (!)" if e["truncated_share"] > TRUNCATED_SHARE_LIMIT else "")
+        row = [model, _interval(e, "mean_reward"), _interval(e, "reward_gain"), truncated,
+               _interval(e, "length_controlled_gain"), f"{e['win_rate']:.0%}" if "win_rate" in e else "—"]
         if judged:
             row += [_interval(e, "judge_reward_gain"), _interval(e, "judge_length_controlled_gain")]
         rows.append(row)
@@ -47,6 +49,13 @@ def behaviour_table(result: EvalResult) -> tuple[list[str], list[list]]:
 
 def answers(count: int) -> str:
     return "one sampled answer" if count == 1 else f"{count} sampled answers"
+
+
+def system_text(system_prompt: str | None) -> str:
+    if system_prompt is None:
+        return "under the chat template's default system turn"
+    return (f"under the policies' system instruction {system_prompt!r} (the base model's too; the reward models "
+            "do not see it)")
 
 
 def seconds_text(cost: dict) -> str:
@@ -74,7 +83,8 @@ def write_outputs(result: EvalResult, out: Path) -> Path:
     (out / human_ratings.GENERATIONS_FILE).write_text(json.dumps(result.human, indent=2, ensure_ascii=False),
                                                       encoding="utf-8")  # fmt: skip
     kl_png = plot_kl(result.kl_curves, out / "kl.png", result.settings.kl_low, result.settings.kl_high) if result.kl_curves else None
-    summary = {**result.summary, "readings": result.readings, "num_prompts": int(result.records.prompt_id.nunique())}
+    summary = {**result.summary, "readings": result.readings, "num_prompts": int(result.records.prompt_id.nunique()),
+               "system_prompt": result.system_prompt}  # fmt: skip
     for judge in result.judges:  # flat keys: the dict entries of summary.json are the models
         summary.update({f"{judge.role}_reward_{key}": value for key, value in judge.scoring.items()})
         summary[f"prompts_seen_by_{judge.role}_reward_model"] = judge.overlap
@@ -98,13 +108,17 @@ def write_report(result: EvalResult, out: Path, kl_png: Path | None, human_md: P
         f"## Reward on {records.prompt_id.nunique()} unseen prompts",
         "",
         f"Same seed ({s.seed}) and decoding for every model: temperature {s.temperature}, top_k 0, top_p 1, "
-        f"up to {s.max_new_tokens} new tokens, {answers(s.samples_per_prompt)} per prompt. Reward models: {judges}. "
+        f"up to {s.max_new_tokens} new tokens, {answers(s.samples_per_prompt)} per prompt, "
+        f"{system_text(result.system_prompt)}. Reward models: {judges}. "
         "The judge (when given) was trained on other message trees and never optimised against. Intervals: 95% "
         "percentile bootstrap over prompts (paired for gains) of each prompt's mean over its answers; ties count "
-        "half in win rates. Length-controlled gain: the gain of the rewards' residuals after a straight-line fit "
-        "of reward on response length over all responses. KL to base: per-token k1 estimate on each policy's own "
-        "samples at the sampling temperature. Truncated share: responses that did not end within "
-        f"{s.max_new_tokens} new tokens, scored unfinished.",
+        "half in win rates. Length-controlled gain: the gain of the rewards' residuals after the base model's "
+        "straight-line fit of reward on response length (slope b over the base model's answers alone: the gain less "
+        "b x the length change, whichever other policies are evaluated). KL to base: per-token k1 estimate on each "
+        "policy's own samples at the sampling temperature. Truncated share: answers that did not end (no EOS) within "
+        f"{s.max_new_tokens} new tokens. The reward models read such an answer as an open assistant turn, without "
+        "the end-of-turn tokens a finished answer ends with; gains are computed on all answers, cut ones included. "
+        f"(!) marks a share above {TRUNCATED_SHARE_LIMIT:.0%}, flagged in the readings.",
         "",
         *[overlap_text(j) for j in result.judges],
         "",

@@ -30,11 +30,14 @@ class GRPOModule(OnlineRLModule):
     Args:
         num_generations: responses per prompt (k, at least 2); a rollout is batch_size x k responses.
         num_iterations: passes over each rollout (TRL's name; 1 = on-policy, the ratio stays 1).
-        beta: KL coefficient (TRL's name); with `kl_target` set it is the adaptive controller's start.
+        beta: KL coefficient (TRL's name); with `kl_target` set it is the adaptive controller's start,
+            and the controller measures the estimator the loss penalises (k3, `penalised_kl`).
         loss_type: "grpo" (mean over each response's tokens, then over responses) or "bnpo"
             (mean over all tokens), as in TRL.
         scale_rewards: divide advantages by the group's std ("group"), the batch's ("batch") or not ("none").
         epsilon_low, epsilon_high: the clip range of the ratio, 1 - low .. 1 + high.
+        mini_batch_size: prompts per optimizer step, each with all its `num_generations` responses
+            (default: the whole rollout batch).
         Other arguments as in `PPOModule`.
     """
 
@@ -65,6 +68,7 @@ class GRPOModule(OnlineRLModule):
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
+        system_prompt: str | None = None,
     ):
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         if num_generations < 2:
@@ -77,10 +81,16 @@ class GRPOModule(OnlineRLModule):
         super().__init__(
             model_name_or_path, reward_model_path, lora, forward_batch_size, generation_batch_size, max_new_tokens,
             temperature, missing_eos_penalty, beta, kl_target, kl_horizon_fraction, reward_max_length, trust_remote_code,
+            system_prompt=system_prompt,
         )
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer = optimizer
         self.describe_trainable()
+
+    def penalised_kl(self) -> str:
+        """The KL estimator the objective penalises (k3, in the loss): the one the adaptive controller
+        steers `beta` on and the one logged as `objective/kl*`."""
+        return "k3"
 
     def advantages(self, ro: dict, kl: torch.Tensor) -> torch.Tensor:
         return group_advantages(ro["scores"], self.hparams.num_generations, self.hparams.scale_rewards)
@@ -108,10 +118,11 @@ class GRPOModule(OnlineRLModule):
             ro["ref_logprobs"] = self.reference_logprobs(ro)
             ro["scores"] = self.scores(ro)
         rollout_seconds = time.perf_counter() - started
-        kl, kl_per_token = self.kl_penalty(ro, batch_idx)
+        kl, kl_per_token = self.kl_penalty(ro, batch_idx, self.penalised_kl())
         advantages = self.advantages(ro, kl)
         self.policy.eval()  # no dropout, as in the rollout (see lit_rlhf.modules.online)
-        stats = self.update(ro, hp.num_iterations, hp.mini_batch_size, self.micro_loss(ro, advantages), hp.max_grad_norm)
+        loss, k = self.micro_loss(ro, advantages), hp.num_generations
+        stats = self.update(ro, hp.num_iterations, hp.mini_batch_size, loss, hp.max_grad_norm, group_size=k)
         group_std = ro["scores"].view(-1, hp.num_generations).std(1)
         metrics = {"reward_std": group_std.mean(), "frac_reward_zero_std": (group_std < 1e-6).float().mean(), **stats}
         self.log_iteration(ro, kl, kl_per_token, started, rollout_seconds, metrics, batch_idx)
@@ -158,6 +169,7 @@ class RLOOModule(GRPOModule):
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
+        system_prompt: str | None = None,
     ):
         if kl_in not in {"reward", "loss"}:
             raise UserInputError(f"kl_in must be 'reward' or 'loss', not '{kl_in}'.")
@@ -165,8 +177,12 @@ class RLOOModule(GRPOModule):
             model_name_or_path, reward_model_path, lora, optimizer, num_generations, forward_batch_size,
             generation_batch_size, mini_batch_size, num_iterations, max_new_tokens, temperature,
             missing_eos_penalty, beta, kl_target, kl_horizon_fraction, "grpo", "none", epsilon_low, epsilon_high,
-            max_grad_norm, reward_max_length, sample_every_n_steps, trust_remote_code,
+            max_grad_norm, reward_max_length, sample_every_n_steps, trust_remote_code, system_prompt,
         )
+
+    def penalised_kl(self) -> str:
+        """k1 when it is subtracted from the reward (`kl_in="reward"`), k3 when added to the loss."""
+        return "k1" if self.hparams.kl_in == "reward" else "k3"
 
     def advantages(self, ro: dict, kl: torch.Tensor) -> torch.Tensor:
         rewards = ro["scores"]

@@ -3,7 +3,8 @@
 The policy is trained in full (the reference is a frozen copy) or through LoRA adapters (the
 reference is the same network with its adapters disabled, no second copy). Responses are sampled
 with their log-probs collected during `generate`, scored by the frozen reward model exactly as it
-was trained (settings read from its export record), and updates run on length-grouped micro-batches.
+was trained (settings read from its export record; a response cut at `max_new_tokens` as an open
+turn), and updates run on length-grouped micro-batches.
 
 Every model runs in eval mode, updates included (as TRL disables dropout): with dropout on in the
 updates and off in the rollout, the probability ratio at the first update would not be 1, and
@@ -42,7 +43,7 @@ from lit_rlhf.rl.common import (
     masked_mean,
 )
 from lit_rlhf.tables import log_table
-from lit_rlhf.text import pad_sequences
+from lit_rlhf.text import pad_sequences, require_system_prompt_renders
 
 
 class SampledTokenStats(LogitsProcessor):
@@ -96,6 +97,7 @@ class OnlineRLModule(LightningModule):
         kl_horizon_fraction: float,
         reward_max_length: int | None,
         trust_remote_code: bool,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -103,6 +105,7 @@ class OnlineRLModule(LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
         self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code,
                                                option="model.reward_model_path")  # fmt: skip
+        require_system_prompt_renders(self.tokenizer, system_prompt)  # before loading any weights
         self.policy, self.ref_policy = policy_and_reference(model_name_or_path, lora, trust_remote_code)
         self.reward_model = freeze(
             load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code, trained_head=True)
@@ -160,11 +163,13 @@ class OnlineRLModule(LightningModule):
         logits = self._response_logits(self.policy, seq, att, response_width)
         return logprobs_from_logits(logits, ro["responses"][rows, :response_width])
 
-    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        """Scores read as the reward model was trained (max length, prompt budget from its export)."""
+    def score(self, prompts: list, responses: list[str], ended: list[bool]) -> torch.Tensor:
+        """Scores read as the reward model was trained (max length, prompt budget from its export);
+        a response that did not end (no EOS) is scored as the open turn it is."""
         return score_responses(
             self.reward_model, self.reward_tokenizer, prompts, responses, self.reward_scoring["max_length"],
             self.settings["forward_batch_size"], min_prompt_tokens=self.reward_scoring["min_prompt_tokens"],
+            ended=ended,
         )
 
     # ---------------------------------------------------------------- sampling
@@ -268,8 +273,9 @@ class OnlineRLModule(LightningModule):
         return ref
 
     def scores(self, ro: dict) -> torch.Tensor:
-        """Reward-model scores, less `missing_eos_penalty` for responses cut at `max_new_tokens`."""
-        scores = self.score(ro["prompts"], ro["texts"])
+        """Reward-model scores (cut responses scored as open turns), less `missing_eos_penalty` (TRL's
+        meaning) for responses cut at `max_new_tokens`."""
+        scores = self.score(ro["prompts"], ro["texts"], ro["has_eos"].tolist())
         penalty = self.settings["missing_eos_penalty"]
         return scores if penalty is None else scores - penalty * (~ro["has_eos"]).float()
 
@@ -307,9 +313,11 @@ class OnlineRLModule(LightningModule):
     def _sum_across_ranks(self, total: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(total, reduce_op="sum") if self.trainer.world_size > 1 else total
 
-    def update(self, ro: dict, epochs: int, mini_batch_size: int | None, micro_loss: MicroLoss, max_grad_norm: float) -> dict:
-        """`epochs` passes over the rollout in shuffled mini-batches, one optimizer step each,
-        gradients accumulated over length-grouped micro-batches.
+    def update(self, ro: dict, epochs: int, mini_batch_size: int | None, micro_loss: MicroLoss, max_grad_norm: float,
+               group_size: int = 1) -> dict:  # fmt: skip
+        """`epochs` passes over the rollout in shuffled mini-batches of `mini_batch_size` prompts (all
+        their `group_size` adjacent responses together; None: the whole rollout), one optimizer step
+        each, gradients accumulated over length-grouped micro-batches.
 
         `micro_loss` gets the mini-batch's sequence and token counts (global under DDP, divided
         by the world size since DDP averages gradients) and returns sums over its rows divided by
@@ -323,8 +331,10 @@ class OnlineRLModule(LightningModule):
         batch = mask.size(0)
         totals: dict[str, torch.Tensor] = {}
         n_mini, first_epoch = 0, {}
+        groups, members = batch // group_size, torch.arange(group_size, device=mask.device)
         for epoch in range(epochs):
-            for mini_idx in torch.randperm(batch, device=mask.device).split(mini_batch_size or batch):
+            for chosen in torch.randperm(groups, device=mask.device).split(mini_batch_size or groups):
+                mini_idx = (chosen.unsqueeze(1) * group_size + members).flatten()
                 for optimizer in optimizers:
                     optimizer.zero_grad()
                 local_tokens = mask[mini_idx].sum()
@@ -383,6 +393,11 @@ class OnlineRLModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+    def export_record(self) -> dict:
+        """What the evaluation must know about the exported policy: the system instruction its prompts
+        carried in training (the evaluation gives it to this policy and to the base model alike)."""
+        return {"system_prompt": self.hparams.system_prompt}
 
     def configure_callbacks(self):
         return [ExportPolicy()]

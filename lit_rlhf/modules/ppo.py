@@ -16,7 +16,7 @@ from pydantic import NonNegativeInt, PositiveInt
 from peft import PeftModel, get_peft_model
 
 from lit_rlhf.errors import UserInputError
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer
+from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer, load_tokenizer
 from lit_rlhf.models.policy import LoraSettings, count_trainable
 from lit_rlhf.modules.online import OnlineRLModule
 from lit_rlhf.rl.common import masked_whiten
@@ -32,6 +32,8 @@ class PPOModule(OnlineRLModule):
     Args:
         model_name_or_path: the policy's starting model (hub id, local folder or `embedded:smollm2`).
         reward_model_path: the frozen reward-model folder exported by the reward-model stage.
+        value_model_path: where the critic starts (default: the reward model); its tokenizer must be
+            the policy's (the critic reads the policy's ids), else the run is refused.
         lora: LoRA settings for the policy; None trains all weights (the "full" variant).
         critic_lora: LoRA settings for the critic (its scalar head stays fully trainable); None
             trains all its weights.
@@ -46,6 +48,10 @@ class PPOModule(OnlineRLModule):
         missing_eos_penalty: subtracted from the score of responses that never emit EOS.
         reward_max_length: override of the max length the reward model was trained with (read
             from its export record; an override that differs is printed as a warning).
+        system_prompt: a system instruction in front of every prompt the policy answers (e.g. one
+            asking for concise answers); the CLI passes it to the data module, the export records it
+            and the evaluation uses it for this policy and the base model. None: the template's default.
+            The reward model scores the user's prompt and the answer, without it.
     """
 
     method = "PPO"
@@ -54,6 +60,7 @@ class PPOModule(OnlineRLModule):
         self,
         model_name_or_path: str = DEFAULT_MODEL,
         reward_model_path: str = "runs/reward_model/reward_model",
+        value_model_path: str | None = None,
         lora: LoraSettings | None = None,
         critic_lora: LoraSettings | None = None,
         policy_optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -77,6 +84,7 @@ class PPOModule(OnlineRLModule):
         reward_max_length: PositiveInt | None = None,
         sample_every_n_steps: NonNegativeInt = 5,
         trust_remote_code: bool = False,
+        system_prompt: str | None = None,
     ):
         # as stored in checkpoints (plain types load with weights_only=True)
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
@@ -86,14 +94,32 @@ class PPOModule(OnlineRLModule):
         super().__init__(
             model_name_or_path, reward_model_path, lora, forward_batch_size, generation_batch_size, max_new_tokens,
             temperature, missing_eos_penalty, init_kl_coef, kl_target, kl_horizon_fraction, reward_max_length,
-            trust_remote_code,
+            trust_remote_code, system_prompt=system_prompt,
         )
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.policy_optimizer, self.value_optimizer = policy_optimizer, value_optimizer
-        critic = load_sequence_scorer(reward_model_path, self.tokenizer.pad_token_id, trust_remote_code)
+        self._require_critic_reads_policy_ids(value_model_path, trust_remote_code)
+        critic = load_sequence_scorer(value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code)
         self.critic = get_peft_model(critic, critic_lora.config("SEQ_CLS")) if critic_lora else critic
         self.trainable_params["critic"] = count_trainable(self.critic)
         self.describe_trainable()
+
+    def _require_critic_reads_policy_ids(self, value_model_path: str | None, trust_remote_code: bool) -> None:
+        """The critic reads the policy's token ids, so its tokenizer must be the policy's. Scoring
+        re-tokenizes text for the reward model, the critic cannot: refused rather than read garbage.
+        (Refused, not silently initialised from the policy: the reward model is the usual start.)"""
+        if value_model_path is None:
+            critic_tokenizer, option = self.reward_tokenizer, "model.reward_model_path"
+        else:
+            option = "model.value_model_path"
+            critic_tokenizer = load_tokenizer(value_model_path, trust_remote_code=trust_remote_code, option=option)
+        if critic_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise UserInputError(
+                f"The PPO critic starts from '{critic_tokenizer.name_or_path}' ({option}), whose tokenizer differs "
+                f"from the policy's ('{self.tokenizer.name_or_path}'), but the critic reads the policy's token ids. "
+                "Set model.value_model_path to a model with the policy's tokenizer (e.g. the policy itself, "
+                "--model.value_model_path <model_name_or_path>), or train the reward model from the policy's model."
+            )
 
     def _values(self, sequences, attention_mask, response_length: int) -> torch.Tensor:
         critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic

@@ -66,6 +66,25 @@ def test_long_conversations_lose_their_oldest_turns(smol_tokenizer_dir):
     assert kept == conversation and "FIRST question" in tokenizer.decode(ids)
 
 
+def test_a_system_instruction_stays_in_front_of_every_cut(smol_tokenizer_dir):
+    """The system turn replaces the template's default one and is never what a cut removes: a long
+    conversation loses its oldest turns, a long question its start, the instruction stays."""
+    tokenizer = load_tokenizer(str(smol_tokenizer_dir))
+    system = "Answer in one short sentence."
+    conversation = [
+        {"role": "user", "content": "FIRST question " + "filler " * 60},
+        {"role": "assistant", "content": "first answer " + "filler " * 60},
+        {"role": "user", "content": "Ok thanks, and what about the SECOND?"},
+    ]
+    for prompt in (conversation, "START " + "filler " * 200 + "END?"):
+        ids, _ = chat_prompt_ids(tokenizer, prompt, max_length=80, system_prompt=system)
+        text = tokenizer.decode(ids)
+        assert len(ids) <= 80 and text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n")
+        assert "FIRST" not in text and "START" not in text and "SmolLM" not in text
+    default, _ = chat_prompt_ids(tokenizer, "Hi?", max_length=80)
+    assert "SmolLM" in tokenizer.decode(default)  # unset: the template's own system turn, as before
+
+
 def reward_model_export(folder: Path, trees: set[str], posts: set[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"trained_on": {"message_tree_ids": sorted(trees), "post_ids": sorted(posts)}}

@@ -106,6 +106,23 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_response_start(t
     assert "Q?<|im_end|>\n<|im_start|>assistant\nFirst words." in tokenizer.decode(ids)
 
 
+def test_both_sides_of_a_pair_share_the_identical_prompt_tokens(tmp_path, smol_tokenizer_dir):
+    """A long prompt, a short chosen and a long rejected reply: the prompt is cut once, to the budget
+    the longer side leaves, so DPO compares two log-probs given the same prompt (not two cuts of it)."""
+    prompt = "START " + "filler words " * 200 + "END?"
+    row = {"prompt": prompt, "chosen": "Short.", "rejected": "A much longer reply that goes on. " * 8}
+    dm = datamodule(write_jsonl(tmp_path / "long" / "test.jsonl", [row]), smol_tokenizer_dir, max_length=128,
+                    min_prompt_tokens=32)  # fmt: skip
+    dm.prepare(("test",))
+    pair = dm.datasets["test"][0]
+    chosen, rejected = pair["chosen_ids"], pair["rejected_ids"]
+    assert pair["chosen_prompt_tokens"] == pair["rejected_prompt_tokens"]
+    prompt_tokens = pair["chosen_prompt_tokens"]
+    assert chosen[:prompt_tokens] == rejected[:prompt_tokens] and pair["prompt_cut"]
+    assert len(rejected) == 128 and len(chosen) < 128  # the longer side sets the budget
+    assert dm.tokenizer.decode(chosen[prompt_tokens:]) == "Short.<|im_end|>\n"
+
+
 def test_identical_and_empty_responses_are_skipped_with_a_count(tmp_path, smol_tokenizer_dir, capsys):
     rows = separable_pairs(5) + [
         {"prompt": "p", "chosen": "same answer", "rejected": " same answer "},

@@ -185,7 +185,12 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
     for model, group in rewards.groupby("model"):
         assert summary[model]["truncated_share"] == pytest.approx(group.truncated.mean())
     report = (out / "report.md").read_text()
-    assert "| Truncated share |" in report and f"| {summary['Pretrained']['truncated_share']:.0%} |" in report
+    assert "| Truncated share |" in report and f"| {summary['Pretrained']['truncated_share']:.0%}" in report
+    # the report says how cut answers were scored, and flags every model whose answers are mostly cut
+    assert "The reward models read such an answer as an open assistant turn" in report
+    models = ["Pretrained", "PPO (full)", "PPO (LoRA)"]
+    flagged = {line.split(":")[0] for line in summary["readings"] if "did not end within 6 new tokens" in line}
+    assert flagged and flagged == {m for m in models if summary[m]["truncated_share"] > 0.25}
     assert "Overlap with the training reward model's data unknown" in report  # its export records nothing
     assert "reading at most 512 tokens with at least 64 for the prompt" in report
     assert "Length-controlled gain" in report and "KL to base (per token)" in report and "kl.png" in report and (out / "kl.png").stat().st_size > 1000
@@ -231,14 +236,15 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
                             {"role": "user", "content": "And times 3?"}]
     prompt_file = tmp_path / "eval_prompts.jsonl"
     prompt_file.write_text("\n".join(json.dumps(p) for p in prompts))
-    calls = []
+    calls, endings = [], []
     from lit_rlhf.eval import rlhf
 
     real_score = rlhf.score_responses
 
-    def recording_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens):
+    def recording_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens, *, ended):
         calls.append((prompts, max_length, min_prompt_tokens))
-        return real_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens)
+        endings.append(ended)
+        return real_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens, ended=ended)
 
     monkeypatch.setattr(rlhf, "score_responses", recording_score)
     args = ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(exported), "--base_model", str(base),
@@ -254,6 +260,8 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
     assert summary["prompts_seen_by_training_reward_model"] == 3 and summary["training_reward_max_length"] == 96
     rewards = pd.read_csv(tmp_path / "as_trained" / "rewards.csv")
     assert rewards.prompt[5] == "user: What is 2 plus 2?\nassistant: 4.\nuser: And times 3?"
+    # answers cut at max_new_tokens are scored as open turns, the others as closed ones
+    assert endings[-1] == (~rewards.truncated).tolist() and not all(endings[-1])
     assert "warning" not in capsys.readouterr().out
 
     calls.clear()
@@ -290,6 +298,47 @@ def test_reward_hacking_reading_follows_the_numbers(training, judge, length_cont
     assert ("possible reward hacking" in reading) == ("hacking" in verdict)
 
 
+def test_the_policies_system_instruction_is_given_to_every_model(fake_runs, tmp_path, monkeypatch, capsys):
+    """A policy exported with a system instruction: the base model and the policy both answer under it
+    (generation and the KL pass), the report and summary say so; policies trained under different
+    instructions are refused before anything is written."""
+    import shutil
+
+    from lit_rlhf.artifacts import REWARD_MODEL_INFO
+    from lit_rlhf.eval import rlhf
+
+    root, base, reward, full, lora_run = fake_runs
+    brief = tmp_path / "brief"
+    shutil.copytree(full / "policy", brief / "policy")
+    (brief / "policy" / REWARD_MODEL_INFO).write_text(json.dumps({"system_prompt": "Answer in one sentence."}))
+    seen = []
+
+    def generation_spy(*args, **kwargs):
+        seen.append(("generate", kwargs["system_prompt"]))
+        return generate_responses(*args, **kwargs)
+
+    def kl_spy(*args, **kwargs):
+        seen.append(("kl", args[7]))
+        return response_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "generate_responses", generation_spy)
+    monkeypatch.setattr(rlhf, "response_logprobs", kl_spy)
+    args = ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
+            "--base_model", str(base), "--eval_prompts", str(full / "eval_prompts.jsonl"), "--max_new_tokens", "4", "--batch_size", "25",
+            "--bootstrap_resamples", "100", "--human_eval_prompts", "1"]  # fmt: skip
+    out = tmp_path / "evaluation"
+    evaluate.main([*args, "--policies", json.dumps({"Brief": str(brief)}), "--out_dir", str(out)])
+    assert seen == [("generate", "Answer in one sentence.")] * 2 + [("kl", "Answer in one sentence.")]
+    assert json.loads((out / "summary.json").read_text())["system_prompt"] == "Answer in one sentence."
+    assert "under the policies' system instruction 'Answer in one sentence.'" in (out / "report.md").read_text()
+    mixed = tmp_path / "mixed"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*args, "--policies", json.dumps({"Brief": str(brief), "PPO (full)": str(full)}),
+                       "--out_dir", str(mixed)])  # fmt: skip
+    assert exit_info.value.code == 2 and "different system instructions" in capsys.readouterr().err
+    assert not mixed.exists()
+
+
 def test_length_controlled_gain_removes_a_gain_that_is_only_length():
     """A policy whose extra reward is exactly what its extra length buys gains nothing once length is controlled."""
     from lit_rlhf.eval.rlhf import length_residuals
@@ -298,9 +347,38 @@ def test_length_controlled_gain_removes_a_gain_that_is_only_length():
     base_len, policy_len = rng.integers(10, 50, 200), rng.integers(40, 90, 200)
     lengths = pd.Series(np.concatenate([base_len, policy_len]))
     rewards = 0.02 * lengths + pd.Series(rng.normal(0, 0.01, 400))
-    residuals = length_residuals(rewards, lengths)
+    residuals = length_residuals(rewards, lengths, np.arange(400) < 200)
     raw_gain = rewards[200:].mean() - rewards[:200].mean()
     assert raw_gain > 0.5 and abs(residuals[200:].mean() - residuals[:200].mean()) < 0.01
+
+
+def test_length_controlled_gain_is_fit_on_the_base_model_alone(tmp_path):
+    """Rewards concave in length (not a line): a policy's length-controlled gain is its gain less the
+    base model's slope x its length change, and evaluating a second, much longer policy beside it
+    leaves that figure unchanged (a fit pooled over every model's answers moved with it)."""
+    from lit_rlhf.eval.rlhf import BASE, EvalSettings, Judge, summarise
+
+    rng = np.random.default_rng(1)
+    prompts = 40
+    lengths = {BASE: rng.integers(5, 40, prompts), "A": rng.integers(20, 60, prompts),
+               "B": rng.integers(80, 128, prompts)}  # fmt: skip
+
+    def records(models):
+        return pd.DataFrame([{"model": m, "prompt_id": i, "sample": 0, "length": int(n), "truncated": False,
+                              "repetition": 0.0, "kl_sum": 0.0, "training_reward": float(np.sqrt(n) + 0.1 * np.sin(i))}
+                             for m in models for i, n in enumerate(lengths[m])])  # fmt: skip
+
+    settings = EvalSettings(policies={"A": str(tmp_path), "B": str(tmp_path)}, bootstrap_resamples=200, seed=0)
+    judges = [Judge("training", "rm", {}, None)]
+    alone = summarise(records([BASE, "A"]), settings, judges)["A"]
+    beside = summarise(records([BASE, "A", "B"]), settings, judges)["A"]
+    assert alone["length_controlled_gain"] == beside["length_controlled_gain"]
+    base = records([BASE])
+    slope = np.polyfit(base.length, base.training_reward, 1)[0]
+    length_change = (lengths["A"] - lengths[BASE]).mean()
+    expected = alone["reward_gain"]["mean"] - slope * length_change
+    assert alone["length_controlled_gain"]["mean"] == pytest.approx(expected, abs=1e-9)
+    assert abs(alone["length_controlled_gain"]["mean"]) > 0.05  # a concave curve: not all of the gain is length
 
 
 def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tmp_path, monkeypatch):
@@ -390,6 +468,30 @@ def test_generation_returns_the_log_probs_a_forward_pass_gives(tiny_llama_dir):
     assert (torch.cat(logprobs) < 0).all()
 
 
+def test_a_cut_answer_reaches_the_scorer_as_an_open_turn(smol_tokenizer_dir):
+    """The same text, once cut at max_new_tokens and once ended: the scorer must see two sequences,
+    the ended one closed by the end-of-turn tokens, the cut one without them."""
+    tokenizer = load_tokenizer(str(smol_tokenizer_dir), padding_side="right")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask):
+            seen.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+            return type("Output", (), {"logits": torch.zeros(len(input_ids), 1)})()
+
+    text = "The answer starts like this and then"
+    score_responses(Recorder(), tokenizer, ["Q?", "Q?"], [text, text], 96, batch_size=1, min_prompt_tokens=24,
+                    ended=[False, True])  # fmt: skip
+    cut, ended = sorted(seen, key=len)
+    assert cut != ended and ended[: len(cut)] == cut
+    assert tokenizer.decode(cut).endswith("<|im_start|>assistant\n" + text)
+    assert tokenizer.decode(ended[len(cut) :]) == "<|im_end|>\n"
+
+
 def test_scores_come_back_in_order_whatever_the_batching(tmp_path, smol_tokenizer_dir):
     """Scoring batches rows of similar length together (less padding) and puts each score back at its row."""
     assert batches_by_length([3, 9, 1, 7, 5], 2) == [[2, 0], [4, 3], [1]]
@@ -399,8 +501,9 @@ def test_scores_come_back_in_order_whatever_the_batching(tmp_path, smol_tokenize
     prompts = ["Hi.", "Tell me a long story about " + "a dog and a cat " * 6, [{"role": "user", "content": "2+2?"}],
                "What is the capital of France?", "Why?"]  # fmt: skip
     responses = ["Hello there, friend.", "Once.", "4", "Paris is the capital of France " * 3, "Because."]
-    batched = score_responses(model, tokenizer, prompts, responses, 96, batch_size=2, min_prompt_tokens=24)
-    alone = torch.cat([score_responses(model, tokenizer, [p], [r], 96, batch_size=1, min_prompt_tokens=24)
-                       for p, r in zip(prompts, responses)])  # fmt: skip
+    ended = [True, False, True, False, True]
+    batched = score_responses(model, tokenizer, prompts, responses, 96, batch_size=2, min_prompt_tokens=24, ended=ended)
+    alone = torch.cat([score_responses(model, tokenizer, [p], [r], 96, batch_size=1, min_prompt_tokens=24, ended=[e])
+                       for p, r, e in zip(prompts, responses, ended)])  # fmt: skip
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     assert batched.unique().numel() > 1  # the rows really differ: an order mix-up would show

@@ -75,6 +75,31 @@ def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root
     assert module.kl_controller.value == pytest.approx(expected, rel=1e-4)
 
 
+def test_the_system_instruction_reaches_the_training_prompts_and_the_export(tmp_path, parity_models, data_root,
+                                                                          monkeypatch):  # fmt: skip
+    """--model.system_prompt: the data module encodes every training prompt under it (CLI link), and
+    the exported policy records it for the evaluation."""
+    import json
+
+    import lit_rlhf.data.oasst1_prompts as prompts_module
+    from lit_rlhf.artifacts import REWARD_MODEL_INFO
+
+    policy, reward = parity_models
+    encoded = []
+    real = prompts_module.chat_prompt_ids
+
+    def spy(tokenizer, prompt, max_length, system_prompt=None):
+        encoded.append(system_prompt)
+        return real(tokenizer, prompt, max_length, system_prompt)
+
+    monkeypatch.setattr(prompts_module, "chat_prompt_ids", spy)
+    run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1",
+            "--model.system_prompt", "Answer in one sentence.")  # fmt: skip
+    assert encoded and set(encoded) == {"Answer in one sentence."}
+    record = json.loads((tmp_path / "policy" / REWARD_MODEL_INFO).read_text())
+    assert record == {"system_prompt": "Answer in one sentence."}
+
+
 def test_lora_trains_only_adapters_and_reloads(tmp_path, parity_models, data_root):
     policy, reward = parity_models
     base_before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
@@ -97,7 +122,7 @@ def test_lora_trains_only_adapters_and_reloads(tmp_path, parity_models, data_roo
 
 def test_non_finite_reward_stops_with_clear_error(tmp_path, parity_models, data_root, monkeypatch, capsys):
     policy, reward = parity_models
-    monkeypatch.setattr(PPOModule, "score", lambda self, p, r: torch.full((len(p),), math.nan))
+    monkeypatch.setattr(PPOModule, "score", lambda self, p, r, ended: torch.full((len(p),), math.nan))
     with pytest.raises(SystemExit) as exit_info:
         run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
     assert exit_info.value.code == 2
@@ -194,7 +219,7 @@ def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch)
     monkeypatch.setattr(module.policy, "_get_logits_processor", spy)
     batch = prompt_batch(policy, data_root)
     assert len({len(ids) for ids in batch["input_ids"]}) > 4  # prompts of many lengths: trimming matters
-    module.hparams.forward_batch_size, module.hparams.generation_batch_size = 5, 6
+    module.settings["forward_batch_size"], module.settings["generation_batch_size"] = 5, 6  # what the code reads
     ro = module.rollout(batch)
     assert set(used) == {"SampledTokenStats", "TemperatureLogitsWarper"}, used
     mask = ro["mask"]
@@ -202,7 +227,8 @@ def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch)
     assert torch.allclose(ro["logprobs"] * mask, logprobs * mask, atol=1e-4)
     assert torch.allclose(ro["ref_logprobs"] * mask, logprobs * mask, atol=1e-4)  # full variant: ref = policy at start
     assert torch.allclose(ro["values"] * mask, values * mask, atol=1e-5)
-    single = torch.cat([module.score([p], [t]) for p, t in zip(ro["prompts"], ro["texts"])])
+    ended = ro["has_eos"].tolist()
+    single = torch.cat([module.score([p], [t], [e]) for p, t, e in zip(ro["prompts"], ro["texts"], ended)])
     assert torch.allclose(ro["scores"], single, atol=1e-5)
 
 
@@ -236,7 +262,7 @@ def test_ppo_loss_does_not_depend_on_the_micro_batch_size(parity_models, data_ro
     policy_opt, value_opt = updates_without_steps(module)
     grads = {}
     for micro in (16, 3):
-        module.hparams.forward_batch_size = micro
+        module.settings["forward_batch_size"] = micro  # what `_micro_batches` reads
         stats = module._optimise(ro, advantages, returns)
         grads[micro] = policy_opt.grads, value_opt.grads
         assert stats["policy/approxkl_avg"] < 1e-8  # the first pass sees the rollout policy
@@ -291,10 +317,32 @@ def test_ppo_scores_as_the_reward_model_was_trained(parity_models, tmp_path, mon
     (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24}}))
     calls = []
     monkeypatch.setattr(online, "score_responses", lambda *args, **kwargs: calls.append((args[4], kwargs)) or torch.zeros(1))
-    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"])
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"], [True])
     assert calls[-1][0] == 96 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning" not in capsys.readouterr().out
-    PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128).score(["q"], ["a"])
+    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported), reward_max_length=128)
+    module.score(["q"], ["a"], [True])
     assert calls[-1][0] == 128 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
         capsys.readouterr().out)
+
+
+def test_a_critic_whose_tokenizer_is_not_the_policys_is_refused(parity_models, tmp_path):
+    """The critic reads the policy's token ids: a reward model (its default start) or value model with
+    another tokenizer is refused; scoring alone re-tokenizes, so the same reward model with the
+    policy as the critic's start is fine."""
+    import shutil
+
+    from lit_rlhf.errors import UserInputError
+    from lit_rlhf.models.hf import load_tokenizer
+
+    policy, reward = parity_models
+    other = shutil.copytree(reward, tmp_path / "rm_other_tokenizer")
+    tokenizer = load_tokenizer(str(other))
+    tokenizer.add_tokens(["<|not_in_the_policy|>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(UserInputError, match=r"tokenizer differs from the policy's.*model.value_model_path"):
+        PPOModule(model_name_or_path=str(policy), reward_model_path=str(other))
+    with pytest.raises(UserInputError, match=r"\(model.value_model_path\), whose tokenizer differs"):
+        PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), value_model_path=str(other))
+    PPOModule(model_name_or_path=str(policy), reward_model_path=str(other), value_model_path=str(policy))
