@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
@@ -481,7 +482,13 @@ class PreferenceDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(stage, SPLITS)
-        self.prepare(wanted)
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a dozen 'Filter'/'Map' bars per run; the counts are printed instead
+        try:
+            self.prepare(wanted)
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         for split in wanted:
             if split not in self.datasets:
                 raise UserInputError(f"data.path '{self._what()}' has no {split} split (stage '{stage}').")

@@ -204,12 +204,19 @@ class FrozenTrunkCache:
         if not total:
             return
         started = last_report = last_save = time.perf_counter()
-        done = 0
+        done, estimated = 0, False
+        reuse = f"; kept in {self.path} for later runs" if self.path else ""
         print(f"[lit_rlhf] frozen-trunk cache: computing {sum(map(len, groups.values()))} sequences "
-              f"({len(groups)} prompts, {total} tokens with each prompt once)")  # fmt: skip
+              f"({len(groups)} prompts, {total} tokens with each prompt once): every pair of the train and "
+              f"validation splits, whatever --trainer.max_steps or limit_train_batches{reuse}")  # fmt: skip
         for prompt, replies in groups.items():
             self._compute_group(torch.tensor(prompt, dtype=torch.long), replies)
             done += len(prompt) + sum(len(r) for r in replies.values())
+            if not estimated and time.perf_counter() - started > 10:  # the cost before it is paid
+                estimated = True
+                rate = done / (time.perf_counter() - started)
+                print(f"[lit_rlhf] frozen-trunk cache: about {(total - done) / rate / 60:.1f} min to go "
+                      f"({rate:.0f} tokens/s)", flush=True)  # fmt: skip
             if time.perf_counter() - last_report > progress_every_s:
                 last_report = time.perf_counter()
                 print(f"[lit_rlhf] frozen-trunk cache: {done}/{total} tokens, {last_report - started:.0f} s", flush=True)

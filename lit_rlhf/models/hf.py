@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from lit_rlhf.artifacts import reward_model_info, save_folder_atomically
 from lit_rlhf.errors import UserInputError, hub_unreachable, is_local_path, reason, require_existing
@@ -198,15 +199,21 @@ def load_sequence_scorer(
     for training.
     """
     stored_odin = has_odin_head(model_name_or_path, trust_remote_code)
-    model, info = _from_pretrained(
-        AutoModelForSequenceClassification,
-        model_name_or_path,
-        "reward model",
-        **({} if stored_odin else {"num_labels": 1}),  # passing num_labels would rename ODIN's outputs
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        output_loading_info=True,
-    )
+    verbosity = hf_logging.get_verbosity()
+    if not trained_head:  # a fresh head is the point: no "score.weight MISSING" load report
+        hf_logging.set_verbosity_error()
+    try:
+        model, info = _from_pretrained(
+            AutoModelForSequenceClassification,
+            model_name_or_path,
+            "reward model",
+            **({} if stored_odin else {"num_labels": 1}),  # passing num_labels would rename ODIN's outputs
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            output_loading_info=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if trained_head and info["missing_keys"]:
         raise UserInputError(
             f"'{model_name_or_path}' is not a trained reward model: it has no weights for "

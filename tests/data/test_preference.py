@@ -354,3 +354,18 @@ def test_bad_sources_name_the_file_the_column_or_the_clash(tmp_path, smol_tokeni
     # a single path's missing column is named too
     with pytest.raises(UserInputError, match=r"lacks the column\(s\) \['rejected'\]"):
         datamodule(tmp_path / "src" / "broken.jsonl", smol_tokenizer_dir).prepare()
+
+
+def test_reward_model_set_up_prints_no_library_noise(tmp_path, smol_tokenizer_dir, tiny_llama_dir, capfd):
+    """A new user's first reward-model run printed a dozen `datasets` progress bars (Generating, Filter,
+    Map) and transformers' "score.weight MISSING" load report for the head it is about to train."""
+    from lit_rlhf.models.hf import load_sequence_scorer
+
+    dm = datamodule(make_shp_folder(tmp_path / "shp"), smol_tokenizer_dir, max_length=128)
+    dm.setup("fit")
+    load_sequence_scorer(str(tiny_llama_dir), pad_token_id=0)
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "[lit_rlhf] train:" in output  # the data module's own counts still show
+    for noise in ("Generating train split", "Filter:", "Map:", "MISSING", "LOAD REPORT"):
+        assert noise not in output
