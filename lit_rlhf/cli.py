@@ -226,8 +226,10 @@ def unknown_option_hint(message: str, args: list[str]) -> str | None:
         fix = f"the learning rate is an argument of the optimizer: {where_lr} (e.g. 3e-4)"
     else:
         close = difflib.get_close_matches(option, params, n=1, cutoff=0.6)
-        fix = f"did you mean '{group}.{close[0]}'" if close else f"its options: `{PROG} fit --{group}.help {name}`"
-    return f"--{group}.{option}{source}: {name} has no option '{option}'; {fix}."
+        fix = f"did you mean --{group}.{close[0]}?" if close else f"its options: `{PROG} fit --{group}.help {name}`."
+    nested = _NESTED.search(message)
+    value = f" {nested.group(2)}" if nested and nested.group(1) == option and not where else ""
+    return f"--{group}.{option}{value}{source}: {name} has no option '{option}'; {fix}"
 
 
 class LitRLHFParser(LightningArgumentParser):

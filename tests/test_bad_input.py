@@ -715,7 +715,7 @@ IMPOSSIBLE_NUMBERS = [
     ("rl_lite", "--model.samples_per_prompt", "0", "--model.samples_per_prompt 0: must be greater than 0."),
     ("dcgan_dermamnist", "--data.batch_size", "-1", "--data.batch_size -1: must be greater than 0."),
     ("pretrain_tinygpt", "--trainer.max_steps", "many", "--trainer.max_steps many: must be an int."),
-    ("pretrain_tinygpt", "--model.n_layers", "2", "--model.n_layers 2: Option 'n_layers' is not accepted."),
+    ("pretrain_tinygpt", "--model.n_layers", "2", "--model.n_layers 2: TinyGPTModule has no option 'n_layers'; did you mean --model.n_layer?"),
 ]  # fmt: skip
 
 

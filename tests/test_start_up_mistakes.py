@@ -108,4 +108,4 @@ def test_a_mistyped_key_in_a_config_file_names_the_file_and_the_nearest_key(tmp_
     typo = tmp_path / "mine.yaml"
     typo.write_text("data:\n  init_args:\n    max_lenght: 128\n")
     message = refused(capsys, ["fit", "--config", "configs/rlhf/reward_model.yaml", "--config", str(typo)])
-    assert str(typo) in message and "'max_lenght'" in message and "did you mean 'data.max_length'" in message
+    assert str(typo) in message and "'max_lenght'" in message and "did you mean --data.max_length?" in message

@@ -114,7 +114,7 @@ def stub_rollout(module, monkeypatch, prompts: int = 2) -> dict:
 def test_the_kl_controller_measures_the_kl_that_is_penalised(method, options, estimator, parity_models, monkeypatch):
     """GRPO's loss penalises k3 (so does RLOO's with kl_in="loss"; with kl_in="reward" the reward
     loses k1): with kl_target set, beta must be steered on that estimator, not on another."""
-    from lit_rlhf.rl.ppo import kl_estimate, masked_mean
+    from lit_rlhf.rl.common import kl_estimate, masked_mean
 
     policy, reward = parity_models
     module = method(model_name_or_path=str(policy), reward_model_path=str(reward), kl_target=0.05, **options)

@@ -169,7 +169,7 @@ def test_odin_head_trains_exports_both_outputs_and_scorers_read_the_quality_one(
         torch.testing.assert_close(scorer(**inputs).logits[:, 0], both[:, 0])
         row = data.datasets["validation"][0]
         rewards = score_responses(scorer, model.tokenizer, [row["prompt"]], [row["chosen"]], max_length=64,
-                                  min_prompt_tokens=16)  # fmt: skip
+                                  min_prompt_tokens=16, ended=[True])  # fmt: skip
         torch.testing.assert_close(rewards, both[:1, 0])
         kept = load_sequence_scorer(str(exported), model.tokenizer.pad_token_id, odin=True).eval()
         torch.testing.assert_close(kept(**inputs).logits, both)
