@@ -55,6 +55,20 @@ def embedded_smollm2_folder() -> Path:
         )
     package_dir = Path(spec.origin).parent
     print(f"[lit_rlhf] converting the embedded SmolLM2 GGUF once into {folder} (about a minute)...")
+    # from_config draws random initial weights: the caller's seeded stream (a reward head drawn next) stays as if
+    # the folder had existed, so a first run on a fresh machine gives the numbers of every later run
+    with torch.random.fork_rng(devices=[]):
+        plain, tokenizer = _dequantized_smollm2(package_dir)
+
+    def save(staging: Path) -> None:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    save_folder_atomically(folder, save, keep_existing=True)  # another process may have converted it meanwhile
+    return folder
+
+
+def _dequantized_smollm2(package_dir: Path):
     quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
     # A GGUF-loaded model refuses save_pretrained: rebuild it as a plain model from its config.
@@ -66,13 +80,7 @@ def embedded_smollm2_folder() -> Path:
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
-
-    def save(staging: Path) -> None:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    save_folder_atomically(folder, save, keep_existing=True)  # another process may have converted it meanwhile
-    return folder
+    return plain, tokenizer
 
 
 def resolve_model_path(model_name_or_path: str, option: str = "model_name_or_path") -> str:
