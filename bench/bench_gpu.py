@@ -39,8 +39,16 @@ CONFIGS = ROOT / "configs"
 SAMPLES = Path(lit_rlhf.__file__).parent / "samples"
 STAGES = ("reward_model", "ppo_full", "ppo_lora", "tinygpt", "dcgan")
 SMOLLM2_135M = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-    vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
 )
 SMOLLM2_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -60,22 +68,39 @@ FULL = {
 }
 DRY_PPO = dict(forward_batch_size=2, max_new_tokens=8, ppo_epochs=2)
 DRY = {
-    "llama": {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "llama": {
+        **SMOLLM2_135M,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
     "reward_model": dict(model={}, data=dict(batch_size=2, max_length=96), steps=2, warmup=1, budget_s=60),
     "ppo_full": dict(model=DRY_PPO, data=dict(batch_size=4, max_prompt_length=64), steps=2, warmup=1, budget_s=60),
     "ppo_lora": dict(model=DRY_PPO, data=dict(batch_size=4, max_prompt_length=64), steps=2, warmup=1, budget_s=60),
-    "tinygpt": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
-                    data=dict(block_size=32, batch_size=4, num_workers=0), steps=2, warmup=1, budget_s=60),
+    "tinygpt": dict(
+        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
+        data=dict(block_size=32, batch_size=4, num_workers=0),
+        steps=2,
+        warmup=1,
+        budget_s=60,
+    ),
     "dcgan": dict(model=dict(ngf=8, ndf=8), data=dict(batch_size=8), steps=2, warmup=1, budget_s=60),
 }
 
 
 def load_config(*names: str) -> dict:
     """A base config with its overrides stacked as LightningCLI stacks them (later files win, key by key)."""
+
     def merge(base: dict, override: dict) -> dict:
-        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                           for k, v in override.items()}}  # fmt: skip
+        return {
+            **base,
+            **{
+                k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                for k, v in override.items()
+            },
+        }
 
     merged: dict = {}
     for name in names:
@@ -127,12 +152,16 @@ def standin_tokenizer(folder: Path, texts: list[str]) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=SMOLLM2_135M["vocab_size"], special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=SMOLLM2_135M["vocab_size"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
@@ -203,8 +232,11 @@ class Bench:
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer[0])
         config = LlamaConfig(
-            **self.scale["llama"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, num_labels=1,
+            **self.scale["llama"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=1,
         )
         folders = []
         for name, cls in (("policy", LlamaForCausalLM), ("reward_model", LlamaForSequenceClassification)):
@@ -232,9 +264,18 @@ class Bench:
     # ------------------------------------------------------------ stages
     def trainer(self, meter: Meter, root: str, gradient_clip_val=None) -> Trainer:
         return Trainer(
-            accelerator="cuda" if self.cuda else "cpu", devices=1, precision=self.precision, max_epochs=10**6,
-            gradient_clip_val=gradient_clip_val, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root,
+            accelerator="cuda" if self.cuda else "cpu",
+            devices=1,
+            precision=self.precision,
+            max_epochs=10**6,
+            gradient_clip_val=gradient_clip_val,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
             callbacks=[meter],
         )
 
@@ -260,11 +301,19 @@ class Bench:
         pairs_per_s = meter.rate("pairs", s["warmup"])
         seconds, _ = meter.timed(s["warmup"])
         return {
-            "settings": {"batch_size": data_args["batch_size"], "max_length": data_args["max_length"],
-                         "trained": "all weights" if model_args["trainable_top_blocks"] is None else
-                         f"top {model_args['trainable_top_blocks']} blocks", "pairs": n_pairs},
-            "metrics": {"pairs_per_s": pairs_per_s, "s_per_step": sum(seconds) / len(seconds),
-                        "timed_steps": len(seconds)},
+            "settings": {
+                "batch_size": data_args["batch_size"],
+                "max_length": data_args["max_length"],
+                "trained": "all weights"
+                if model_args["trainable_top_blocks"] is None
+                else f"top {model_args['trainable_top_blocks']} blocks",
+                "pairs": n_pairs,
+            },
+            "metrics": {
+                "pairs_per_s": pairs_per_s,
+                "s_per_step": sum(seconds) / len(seconds),
+                "timed_steps": len(seconds),
+            },
             "headline": f"{pairs_per_s:.1f} pairs/s",
         }
 
@@ -279,16 +328,24 @@ class Bench:
         data = OASST1PromptDataModule(
             **{**data_args, "path": str(self.sample[0]), "tokenizer_name_or_path": policy, "num_eval_prompts": 1}
         )
-        module = PPOModule(**{
-            **model_args, "model_name_or_path": policy, "reward_model_path": reward_model, "sample_every_n_steps": 0,
-            "policy_optimizer": optimizer_from(model_args["policy_optimizer"]),
-            "value_optimizer": optimizer_from(model_args["value_optimizer"]),
-        })
+        module = PPOModule(
+            **{
+                **model_args,
+                "model_name_or_path": policy,
+                "reward_model_path": reward_model,
+                "sample_every_n_steps": 0,
+                "policy_optimizer": optimizer_from(model_args["policy_optimizer"]),
+                "value_optimizer": optimizer_from(model_args["value_optimizer"]),
+            }
+        )
 
         def count(trainer, batch):
             metrics = trainer.callback_metrics
-            return {"tokens": float(metrics["val/response_length"]) * len(batch["prompt"]),
-                    "rollout_s": float(metrics["time/rollout_s"]), "prompts": len(batch["prompt"])}
+            return {
+                "tokens": float(metrics["val/response_length"]) * len(batch["prompt"]),
+                "rollout_s": float(metrics["time/rollout_s"]),
+                "prompts": len(batch["prompt"]),
+            }
 
         meter = Meter(s["warmup"] + s["steps"], deadline, count)
         with tempfile.TemporaryDirectory(dir=self.work) as root:
@@ -299,17 +356,25 @@ class Bench:
         rollout = sum(c["rollout_s"] for c in counts) / len(counts)
         tokens_per_s = meter.rate("tokens", s["warmup"])
         return {
-            "settings": {"batch_size": data_args["batch_size"], "forward_batch_size": model_args["forward_batch_size"],
-                         "max_new_tokens": model_args["max_new_tokens"], "ppo_epochs": model_args["ppo_epochs"],
-                         "max_prompt_length": data_args["max_prompt_length"],
-                         "lora": ", ".join(lora["target_modules"]) + f" r {lora['r']}" if lora else "none"},
-            "metrics": {"s_per_iteration": iteration, "rollout_s_per_iteration": rollout,
-                        "update_s_per_iteration": iteration - rollout, "response_tokens_per_s": tokens_per_s,
-                        "response_tokens_per_iteration": sum(c["tokens"] for c in counts) / len(counts),
-                        "prompts_per_iteration": sum(c["prompts"] for c in counts) / len(counts),
-                        "timed_iterations": len(seconds)},
+            "settings": {
+                "batch_size": data_args["batch_size"],
+                "forward_batch_size": model_args["forward_batch_size"],
+                "max_new_tokens": model_args["max_new_tokens"],
+                "ppo_epochs": model_args["ppo_epochs"],
+                "max_prompt_length": data_args["max_prompt_length"],
+                "lora": ", ".join(lora["target_modules"]) + f" r {lora['r']}" if lora else "none",
+            },
+            "metrics": {
+                "s_per_iteration": iteration,
+                "rollout_s_per_iteration": rollout,
+                "update_s_per_iteration": iteration - rollout,
+                "response_tokens_per_s": tokens_per_s,
+                "response_tokens_per_iteration": sum(c["tokens"] for c in counts) / len(counts),
+                "prompts_per_iteration": sum(c["prompts"] for c in counts) / len(counts),
+                "timed_iterations": len(seconds),
+            },
             "headline": f"{iteration:.2f} s/iteration (rollout {rollout:.2f} + update {iteration - rollout:.2f}), "
-                        f"{tokens_per_s:.0f} response tokens/s",
+            f"{tokens_per_s:.0f} response tokens/s",
         }
 
     def tinygpt(self, s: dict, deadline: float) -> dict:
@@ -328,10 +393,12 @@ class Bench:
             self.trainer(meter, root, config["trainer"].get("gradient_clip_val")).fit(module, datamodule=data)
         tokens_per_s = meter.rate("tokens", s["warmup"])
         return {
-            "settings": {"layers x heads x width": f"{model_args['n_layer']} x {model_args['n_head']} x "
-                         f"{model_args['n_embd']}", "block_size": model_args["block_size"],
-                         "batch_size": data_args["batch_size"],
-                         "text": "pydoc topics (offline stand-in for WikiText-2)"},
+            "settings": {
+                "layers x heads x width": f"{model_args['n_layer']} x {model_args['n_head']} x {model_args['n_embd']}",
+                "block_size": model_args["block_size"],
+                "batch_size": data_args["batch_size"],
+                "text": "pydoc topics (offline stand-in for WikiText-2)",
+            },
             "metrics": {"tokens_per_s": tokens_per_s, "timed_steps": len(meter.timed(s["warmup"])[0])},
             "headline": f"{tokens_per_s:,.0f} tokens/s",
         }
@@ -352,19 +419,30 @@ class Bench:
         images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
         root = self.work / "medmnist"
         save_medmnist_npz(root, flag, {"train": (images, np.zeros((n, 1), np.uint8))}, size=size)
-        data = MedMNISTDataModule(**{**data_args, "root": str(root), "download": False, "val_split": None,
-                                     "test_split": None})
-        module = DCGAN(**{
-            **model_args, "optimizer_g": optimizer_from(model_args["optimizer_g"]), "sample_every_n_epochs": 10**9,
-            "optimizer_d": optimizer_from(model_args["optimizer_d"]), "plot_first_epochs": 0,
-        })
+        data = MedMNISTDataModule(
+            **{**data_args, "root": str(root), "download": False, "val_split": None, "test_split": None}
+        )
+        module = DCGAN(
+            **{
+                **model_args,
+                "optimizer_g": optimizer_from(model_args["optimizer_g"]),
+                "sample_every_n_epochs": 10**9,
+                "optimizer_d": optimizer_from(model_args["optimizer_d"]),
+                "plot_first_epochs": 0,
+            }
+        )
         meter = Meter(s["warmup"] + s["steps"], deadline, lambda trainer, batch: {"images": batch[0].size(0)})
         with tempfile.TemporaryDirectory(dir=self.work) as run_root:
             self.trainer(meter, run_root).fit(module, datamodule=data)
         images_per_s = meter.rate("images", s["warmup"])
         return {
-            "settings": {"flag": flag, "size": size, "ngf": model_args["ngf"], "ndf": model_args["ndf"],
-                         "batch_size": batch_size},
+            "settings": {
+                "flag": flag,
+                "size": size,
+                "ngf": model_args["ngf"],
+                "ndf": model_args["ndf"],
+                "batch_size": batch_size,
+            },
             "metrics": {"images_per_s": images_per_s, "timed_steps": len(meter.timed(s["warmup"])[0])},
             "headline": f"{images_per_s:,.0f} images/s",
         }
@@ -376,8 +454,11 @@ class Bench:
         if self.cuda:  # what earlier stages left allocated is part of this stage's peak: shown apart
             torch.cuda.reset_peak_memory_stats()
             at_start["memory_at_start_gb"] = torch.cuda.memory_allocated() / 2**30
-        entry = self.ppo(stage.removeprefix("ppo_"), s, deadline) if stage.startswith("ppo_") else \
-            getattr(self, stage)(s, deadline)
+        entry = (
+            self.ppo(stage.removeprefix("ppo_"), s, deadline)
+            if stage.startswith("ppo_")
+            else getattr(self, stage)(s, deadline)
+        )
         entry["metrics"].update(peak_memory_gb=peak_memory_gb(), **at_start)
         return entry
 
@@ -398,8 +479,10 @@ def markdown(result: dict) -> str:
         settings = ", ".join(f"{k} {v}" for k, v in entry.get("settings", {}).items())
         memory = f"{entry['metrics']['peak_memory_gb']:.2f}" if "metrics" in entry else ""
         status = entry["status"] if entry["status"] == "ok" else f"{entry['status']}: {entry['error']}"
-        lines.append(f"| {stage} | {settings} | {entry.get('headline', '')} | {memory} | {entry['wall_s']:.0f} | "
-                     f"{status.replace('|', '/')} |")
+        lines.append(
+            f"| {stage} | {settings} | {entry.get('headline', '')} | {memory} | {entry['wall_s']:.0f} | "
+            f"{status.replace('|', '/')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -416,13 +499,22 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/gpu_bench", help="folder for bench_gpu.json and bench_gpu.md")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, a few steps (CPU by default)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                        help="default: cpu with --dry-run, else cuda")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default=None, help="default: cpu with --dry-run, else cuda"
+    )
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    parser.add_argument("--tokenizer", default=None, help="a folder with SmolLM2's tokenizer (default: the "
-                        "embedded model's when installed, else a stand-in trained on the sample)")
-    parser.add_argument("--time-limit", type=float, default=420.0,
-                        help="seconds for all stages; a stage that would start later is skipped")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a folder with SmolLM2's tokenizer (default: the "
+        "embedded model's when installed, else a stand-in trained on the sample)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=420.0,
+        help="seconds for all stages; a stage that would start later is skipped",
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("cpu" if args.dry_run else "cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -438,20 +530,31 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as work:
         bench = Bench(args, scale, Path(work))
-        result = {"meta": {
-            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
-            "dry_run": args.dry_run, "precision": bench.precision,
-            "weights": "Language models: SmolLM2-135M's architecture" + (" shrunk to 2 layers" if args.dry_run else "")
-                       + " with random weights (speed and memory do not depend on the weights).",
-            "memory": "torch.cuda.max_memory_allocated during the stage" if args.device == "cuda"
-                      else "peak RSS of the process so far",
-            "timing": "each training batch from on_train_batch_start to on_train_batch_end, CUDA-synchronised "
-                      "(data loading excluded), after the stage's warm-up batches; PPO: rollout = generation, "
-                      "reference/value passes and reward scoring, update = the rest of the iteration",
-            "tokenizer": None, "sample": None, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "argv": sys.argv[1:] if argv is None else argv,
-            "time_limit_s": args.time_limit, "total_s": 0.0,
-        }, "stages": {}}
+        result = {
+            "meta": {
+                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
+                "dry_run": args.dry_run,
+                "precision": bench.precision,
+                "weights": "Language models: SmolLM2-135M's architecture"
+                + (" shrunk to 2 layers" if args.dry_run else "")
+                + " with random weights (speed and memory do not depend on the weights).",
+                "memory": "torch.cuda.max_memory_allocated during the stage"
+                if args.device == "cuda"
+                else "peak RSS of the process so far",
+                "timing": "each training batch from on_train_batch_start to on_train_batch_end, CUDA-synchronised "
+                "(data loading excluded), after the stage's warm-up batches; PPO: rollout = generation, "
+                "reference/value passes and reward scoring, update = the rest of the iteration",
+                "tokenizer": None,
+                "sample": None,
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "python": platform.python_version(),
+                "argv": sys.argv[1:] if argv is None else argv,
+                "time_limit_s": args.time_limit,
+                "total_s": 0.0,
+            },
+            "stages": {},
+        }
         for stage in args.stages:
             stage_start = time.perf_counter()
             left = started + args.time_limit - stage_start
@@ -461,20 +564,27 @@ def main(argv=None) -> dict:
                 try:
                     entry = {"status": "ok", **bench.run(stage, stage_start + min(scale[stage]["budget_s"], left))}
                 except Exception as error:  # noqa: BLE001 - recorded, and the next stage still runs
-                    entry = {"status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0][:300],
-                             "traceback": traceback.format_exc()[-4000:]}
+                    entry = {
+                        "status": "error",
+                        "error": f"{type(error).__name__}: {error}".splitlines()[0][:300],
+                        "traceback": traceback.format_exc()[-4000:],
+                    }
                     print(entry["traceback"], file=sys.stderr, flush=True)
             entry["wall_s"] = time.perf_counter() - stage_start
             result["stages"][stage] = entry
             if "tokenizer" in bench.__dict__:
                 result["meta"]["tokenizer"] = bench.tokenizer[1]
             if "sample" in bench.__dict__:
-                result["meta"]["sample"] = str(bench.sample[0].relative_to(ROOT) if bench.sample[0].is_relative_to(ROOT)
-                                               else bench.sample[0])
+                result["meta"]["sample"] = str(
+                    bench.sample[0].relative_to(ROOT) if bench.sample[0].is_relative_to(ROOT) else bench.sample[0]
+                )
             result["meta"]["total_s"] = time.perf_counter() - started
             write(out, result)
-            print(f"[bench_gpu] {stage}: {entry['status']} {entry.get('headline', entry.get('error', ''))} "
-                  f"({entry['wall_s']:.0f} s)", flush=True)
+            print(
+                f"[bench_gpu] {stage}: {entry['status']} {entry.get('headline', entry.get('error', ''))} "
+                f"({entry['wall_s']:.0f} s)",
+                flush=True,
+            )
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -82,8 +82,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: bf16-mixed for lit_rlhf, bf16=True for TRL (the maths check stays on CPU, fp32)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: bf16-mixed for lit_rlhf, bf16=True for TRL (the maths check stays on CPU, fp32)",
+    )
     parser.add_argument("--skip-maths", action="store_true")
     parser.add_argument("--out", default="bench_ppo.json")
     args = parser.parse_args(argv)
@@ -95,20 +99,36 @@ def main(argv=None) -> dict:
     policy = resolve_model_path(args.policy)
     reward_model = args.reward_model or seeded_reward_model(policy, work / "reward_model", args.seed)
     data = OASST1PromptDataModule(
-        path=args.data_path, tokenizer_name_or_path=policy, num_train_prompts=args.batch_size * args.iterations,
-        num_eval_prompts=1, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed,
+        path=args.data_path,
+        tokenizer_name_or_path=policy,
+        num_train_prompts=args.batch_size * args.iterations,
+        num_eval_prompts=1,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     data.setup("fit")
     prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p["prompt"], "input_ids": p["input_ids"]}) + "\n" for p in data.train_prompts))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p["prompt"], "input_ids": p["input_ids"]}) + "\n" for p in data.train_prompts)
+    )
 
     result = {"config": vars(args), "torch": torch.__version__, "machine": platform.machine(), "variants": {}}
     for variant in args.variants:
         spec = {
-            "variant": variant, "policy": policy, "reward_model": reward_model, "prompts": str(prompts),
-            "batch_size": args.batch_size, "forward_batch_size": args.forward_batch_size,
-            "max_new_tokens": args.max_new_tokens, "ppo_epochs": args.ppo_epochs, "iterations": args.iterations,
-            "lr": args.lr * (10 if variant == "lora" else 1), "temperature": 0.7, "kl_coef": 0.05, "seed": args.seed,
+            "variant": variant,
+            "policy": policy,
+            "reward_model": reward_model,
+            "prompts": str(prompts),
+            "batch_size": args.batch_size,
+            "forward_batch_size": args.forward_batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "ppo_epochs": args.ppo_epochs,
+            "iterations": args.iterations,
+            "lr": args.lr * (10 if variant == "lora" else 1),
+            "temperature": 0.7,
+            "kl_coef": 0.05,
+            "seed": args.seed,
             "device": args.device,
         }
         spec_path = work / f"spec_{variant}.json"
@@ -130,12 +150,15 @@ def main(argv=None) -> dict:
         print(
             f"[{variant}] s/iteration lit_rlhf {ours['s_per_iteration']:.1f} vs TRL {reference['s_per_iteration']:.1f} "
             f"-> ratio {entry['time_ratio']:.2f} (goal <= 0.7); tokens/s {ours['tokens_per_s']:.1f} vs "
-            f"{reference['tokens_per_s']:.1f}; peak RSS {ours['peak_rss_gb']:.2f} vs {reference['peak_rss_gb']:.2f} GB; "
+            f"{reference['tokens_per_s']:.1f}; peak RSS {ours['peak_rss_gb']:.2f} vs "
+            f"{reference['peak_rss_gb']:.2f} GB; "
             f"rollout part {ours['rollout_s_per_iteration']:.1f} vs {reference['rollout_s_per_iteration']:.1f} s",
             flush=True,
         )
         if "maths" in entry:
-            print(f"[{variant}] maths, max |lit_rlhf - TRL| on one rollout: {entry['maths']['max_abs_diff']}", flush=True)
+            print(
+                f"[{variant}] maths, max |lit_rlhf - TRL| on one rollout: {entry['maths']['max_abs_diff']}", flush=True
+            )
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"-> {args.out}")
     return result

@@ -69,7 +69,9 @@ def pair_accuracy(model, dataset, pad_token_id: int, batch_size: int) -> float:
     correct = 0
     for start in range(0, len(dataset), batch_size):
         batch = collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_token_id)
-        rewards = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        rewards = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         rewards = rewards.squeeze(-1)
         chosen, rejected = rewards.chunk(2)
         correct += int((chosen > rejected).sum())
@@ -89,17 +91,23 @@ def run_lit(s: dict, data: PreferenceDataModule, policy: str, cache_path: Path) 
     )
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(
-            accelerator=s["device"], devices=1, precision="bf16-mixed" if cuda else "32-true", max_epochs=s["epochs"],
+            accelerator=s["device"],
+            devices=1,
+            precision="bf16-mixed" if cuda else "32-true",
+            max_epochs=s["epochs"],
             logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root,
-        )  # fmt: skip
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+        )
         started = time.perf_counter()
         trainer.fit(module, datamodule=data)
         wall = time.perf_counter() - started
     accuracy = pair_accuracy(module.model, data.datasets["test"], module.tokenizer.pad_token_id, s["batch_size"])
     return wall, accuracy
-
 
 
 def run_trl(s: dict, data: PreferenceDataModule, policy: str) -> tuple[float, float]:
@@ -113,12 +121,23 @@ def run_trl(s: dict, data: PreferenceDataModule, policy: str) -> tuple[float, fl
         train = train.map(lambda row: {"margin": row["margin"] + s["margin"]})
     with tempfile.TemporaryDirectory() as output_dir:
         config = RewardConfig(
-            output_dir=output_dir, per_device_train_batch_size=s["batch_size"], num_train_epochs=s["epochs"],
-            learning_rate=s["lr"], lr_scheduler_type="constant", weight_decay=0.0, gradient_checkpointing=False,
-            center_rewards_coefficient=s["center_rewards_coefficient"] or None, max_length=None, report_to=[],
-            save_strategy="no", logging_steps=10**6, disable_tqdm=True, use_cpu=s["device"] == "cpu",
-            bf16=s["device"] == "cuda", seed=s["seed"],
-        )  # fmt: skip
+            output_dir=output_dir,
+            per_device_train_batch_size=s["batch_size"],
+            num_train_epochs=s["epochs"],
+            learning_rate=s["lr"],
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            gradient_checkpointing=False,
+            center_rewards_coefficient=s["center_rewards_coefficient"] or None,
+            max_length=None,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            use_cpu=s["device"] == "cpu",
+            bf16=s["device"] == "cuda",
+            seed=s["seed"],
+        )
         trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
         started = time.perf_counter()
         trainer.train()
@@ -135,7 +154,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--test-pairs", type=int, default=None, help="default: all")
     parser.add_argument("--epochs", type=int, default=None, help="default: the CPU setting's max_epochs")
     parser.add_argument("--max-length", type=int, default=None, help="default: the CPU setting's")
-    parser.add_argument("--trainable-top-blocks", type=int, default=None, help="default: the CPU setting's on cpu, all on cuda")
+    parser.add_argument(
+        "--trainable-top-blocks", type=int, default=None, help="default: the CPU setting's on cpu, all on cuda"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_reward_model.json")
@@ -150,11 +171,17 @@ def main(argv=None) -> dict:
 
     policy = resolve_model_path(s["policy"])
     data = PreferenceDataModule(
-        path=args.pairs, tokenizer_name_or_path=policy, max_length=s["max_length"],
-        min_prompt_tokens=s["min_prompt_tokens"], min_score_ratio=None,
-        max_train_pairs=args.train_pairs, max_eval_pairs=args.test_pairs, batch_size=s["batch_size"],
-        preview_rows=0, seed=args.seed,
-    )  # fmt: skip
+        path=args.pairs,
+        tokenizer_name_or_path=policy,
+        max_length=s["max_length"],
+        min_prompt_tokens=s["min_prompt_tokens"],
+        min_score_ratio=None,
+        max_train_pairs=args.train_pairs,
+        max_eval_pairs=args.test_pairs,
+        batch_size=s["batch_size"],
+        preview_rows=0,
+        seed=args.seed,
+    )
     data.setup("fit")
     data.setup("test")
     pairs = s["epochs"] * len(data.datasets["train"])
@@ -172,8 +199,10 @@ def main(argv=None) -> dict:
         "machine": platform.machine(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"lit_rlhf RewardModel : {pairs / lit_wall:.2f} pairs/s over {s['epochs']} epochs ({lit_wall:.0f} s), "
-          f"test accuracy {lit_acc:.3f} ({len(data.datasets['test'])} pairs)")  # fmt: skip
+    print(
+        f"lit_rlhf RewardModel : {pairs / lit_wall:.2f} pairs/s over {s['epochs']} epochs ({lit_wall:.0f} s), "
+        f"test accuracy {lit_acc:.3f} ({len(data.datasets['test'])} pairs)"
+    )
     print(f"trl RewardTrainer    : {pairs / trl_wall:.2f} pairs/s ({trl_wall:.0f} s), test accuracy {trl_acc:.3f}")
     print(f"ratio lit_rlhf / TRL = {result['pairs_per_sec_ratio']:.2f} (goal >= 3) -> {args.out}")
     return result

@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
         "lightning_tokens_per_sec": statistics.median(lightning),
         "ratio": statistics.median(lightning) / statistics.median(plain),
         # each Lightning run against the plain run just before it: robust to slow drifts in load
-        "paired_ratio_median": statistics.median(l / p for l, p in zip(lightning, plain)),
+        "paired_ratio_median": statistics.median(lit / p for lit, p in zip(lightning, plain)),
         "plain_runs": plain,
         "lightning_runs": lightning,
         "config": {**vars(args), "torch_threads": torch.get_num_threads()},

@@ -58,13 +58,21 @@ class Clock:
 
     def end_step(self, **extra) -> None:
         wall, cpu = self.now()
-        step = {"wall_s": wall - self.last[0], "cpu_s": cpu - self.last[1],
-                "parts_wall_s": {k: v[0] for k, v in self.parts.items()},
-                "parts_cpu_s": {k: v[1] for k, v in self.parts.items()}, **extra}  # fmt: skip
+        step = {
+            "wall_s": wall - self.last[0],
+            "cpu_s": cpu - self.last[1],
+            "parts_wall_s": {k: v[0] for k, v in self.parts.items()},
+            "parts_cpu_s": {k: v[1] for k, v in self.parts.items()},
+            **extra,
+        }
         self.steps.append(step)
         self.parts, self.last = {}, (wall, cpu)
-        print(f"[{self.side} {self.spec['method']}] step {len(self.steps)}/{self.spec['steps']}: "
-              f"{step['wall_s']:.1f} s wall, {step['cpu_s']:.1f} s CPU", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[{self.side} {self.spec['method']}] step {len(self.steps)}/{self.spec['steps']}: "
+            f"{step['wall_s']:.1f} s wall, {step['cpu_s']:.1f} s CPU",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def read_prompts(spec: dict) -> list[dict]:
@@ -119,8 +127,9 @@ def run_lit(spec: dict) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             metrics = trainer.callback_metrics
             rows = len(batch["prompt"]) * spec["num_generations"]
-            clock.end_step(tokens=round(float(metrics["val/response_length"]) * rows),
-                           score=float(metrics["objective/scores"]))  # fmt: skip
+            clock.end_step(
+                tokens=round(float(metrics["val/response_length"]) * rows), score=float(metrics["objective/scores"])
+            )
 
     prompts = read_prompts(spec)
     loader = DataLoader(
@@ -128,10 +137,17 @@ def run_lit(spec: dict) -> dict:
     )
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(
-            accelerator="cpu", devices=1, precision="32-true", max_epochs=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[Timer()], default_root_dir=root,
-        )  # fmt: skip
+            accelerator="cpu",
+            devices=1,
+            precision="32-true",
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Timer()],
+            default_root_dir=root,
+        )
         trainer.fit(module, train_dataloaders=loader)
     for step in clock.steps:
         step["rollout_wall_s"] = sum(step["parts_wall_s"].values())
@@ -221,9 +237,14 @@ def run_trl(spec: dict) -> dict:
     trainer_class = GRPOTrainer if spec["method"] == "grpo" else RLOOTrainer
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = trainer_class(
-            model=policy, reward_funcs=reward, args=trl_config(spec, output_dir), train_dataset=dataset,
-            processing_class=tokenizer, reward_processing_classes=reward_tokenizer, callbacks=[Timer()],
-        )  # fmt: skip
+            model=policy,
+            reward_funcs=reward,
+            args=trl_config(spec, output_dir),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            reward_processing_classes=reward_tokenizer,
+            callbacks=[Timer()],
+        )
         generate_and_score = trainer._generate_and_score_completions
         clock.wrap(trainer, "_generate", "generate")
         clock.wrap(trainer, "_calculate_rewards", "reward")
@@ -235,8 +256,11 @@ def run_trl(spec: dict) -> dict:
             clock.active = True
             out = generate_and_score(inputs)
             clock.active = False  # the update's own forward passes are not rollout parts
-            rollout.update(rollout_wall_s=time.perf_counter() - wall, rollout_cpu_s=time.process_time() - cpu,
-                           tokens=int(out["completion_mask"].sum()))  # fmt: skip
+            rollout.update(
+                rollout_wall_s=time.perf_counter() - wall,
+                rollout_cpu_s=time.process_time() - cpu,
+                tokens=int(out["completion_mask"].sum()),
+            )
             for ids, mask in zip(out["prompt_ids"], out["prompt_mask"]):
                 if tuple(ids[mask.bool()].tolist()) not in expected_ids:
                     mismatched_prompts.append(len(ids))
@@ -248,11 +272,13 @@ def run_trl(spec: dict) -> dict:
     for step, score in zip(clock.steps, scores):
         step["score"] = score
     return {
-        "steps": clock.steps, "optimizer": str(trainer.args.optim), "prompt_ids_match_lit": not mismatched_prompts,
+        "steps": clock.steps,
+        "optimizer": str(trainer.args.optim),
+        "prompt_ids_match_lit": not mismatched_prompts,
         "generation_batch_size": trainer.args.generation_batch_size,
         "steps_per_generation": trainer.args.steps_per_generation,
         "activation_checkpointing": trainer.args.activation_checkpointing,
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def peak_rss_gb() -> float:
 def response_tokens(responses: torch.Tensor, eos_token_id: int) -> int:
     """Tokens generated per row: up to and including the first EOS, else the full width."""
     is_eos = responses == eos_token_id
-    length = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], responses.size(1), dtype=torch.float))
+    length = torch.where(
+        is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], responses.size(1), dtype=torch.float)
+    )
     return int(length.sum())
 
 
@@ -69,17 +71,29 @@ def run_lit(spec: dict) -> dict:
             self.rollout_seconds.append(float(metrics["time/rollout_s"]))
 
     timer = Timer()
-    loader = DataLoader(prompts, batch_size=spec["batch_size"], shuffle=False, collate_fn=OASST1PromptDataModule.collate)
+    loader = DataLoader(
+        prompts, batch_size=spec["batch_size"], shuffle=False, collate_fn=OASST1PromptDataModule.collate
+    )
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(
-            accelerator=spec["device"], devices=1, precision="bf16-mixed" if spec["device"] == "cuda" else "32-true",
-            max_epochs=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[timer], default_root_dir=root,
+            accelerator=spec["device"],
+            devices=1,
+            precision="bf16-mixed" if spec["device"] == "cuda" else "32-true",
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+            default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=loader)
-    return {"seconds": timer.seconds, "tokens": timer.tokens, "scores": timer.scores,
-            "rollout_seconds": timer.rollout_seconds}
+    return {
+        "seconds": timer.seconds,
+        "tokens": timer.tokens,
+        "scores": timer.scores,
+        "rollout_seconds": timer.rollout_seconds,
+    }
 
 
 def trl_objects(spec: dict):
@@ -181,15 +195,26 @@ def run_trl(spec: dict) -> dict:
     timer = Timer()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = PPOTrainer(
-            args=trl_config(spec, output_dir, spec["lr"]), processing_class=tokenizer, model=policy,
-            ref_model=None, reward_model=reward, train_dataset=dataset, value_model=value,
-            peft_config=peft_config, callbacks=[timer],
+            args=trl_config(spec, output_dir, spec["lr"]),
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None,
+            reward_model=reward,
+            train_dataset=dataset,
+            value_model=value,
+            peft_config=peft_config,
+            callbacks=[timer],
         )
         # TRL times the first data-loader fetch and sets up in train(): start the clock there, as Lightning's
         timer.last = time.perf_counter()
         trainer.train()
-    return {"seconds": timer.seconds, "tokens": tokens, "scores": timer.scores, "rollout_seconds": rollout_seconds,
-            "optim": str(trainer.args.optim)}
+    return {
+        "seconds": timer.seconds,
+        "tokens": tokens,
+        "scores": timer.scores,
+        "rollout_seconds": rollout_seconds,
+        "optim": str(trainer.args.optim),
+    }
 
 
 def run_maths(spec: dict) -> dict:
@@ -204,7 +229,8 @@ def run_maths(spec: dict) -> dict:
     from trl.experimental.ppo import PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
-    from lit_rlhf.rl import common, ppo as ours
+    from lit_rlhf.rl import common
+    from lit_rlhf.rl import ppo as ours
 
     # responses long enough that some end with EOS, so TRL's p1 convention is exercised
     # on CPU in fp32 whatever --device says: this compares arithmetic, not speed
@@ -213,7 +239,9 @@ def run_maths(spec: dict) -> dict:
     dataset = dataset.select(range(spec["batch_size"]))
     seen: dict = {"get_reward": [], "log_softmax": []}
     get_reward, selective_log_softmax, masked_whiten = (
-        trl_ppo.get_reward, trl_ppo.selective_log_softmax, trl_ppo.masked_whiten,
+        trl_ppo.get_reward,
+        trl_ppo.selective_log_softmax,
+        trl_ppo.masked_whiten,
     )
 
     def spy_reward(model, *args, **kwargs):
@@ -240,8 +268,15 @@ def run_maths(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = PPOTrainer(
-            args=trl_config(spec, output_dir, lr=0.0), processing_class=tokenizer, model=policy, ref_model=None,
-            reward_model=reward, train_dataset=dataset, value_model=value, peft_config=peft_config, callbacks=[Logs()],
+            args=trl_config(spec, output_dir, lr=0.0),
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None,
+            reward_model=reward,
+            train_dataset=dataset,
+            value_model=value,
+            peft_config=peft_config,
+            callbacks=[Logs()],
         )
         trainer.train()
 

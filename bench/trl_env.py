@@ -26,7 +26,9 @@ def trl_python() -> Path:
     print(f"[bench] creating {folder} with {TRL_REFERENCE} (once)...", flush=True)
     venv.EnvBuilder(with_pip=True, clear=True).create(folder)
     site_packages = Path(
-        subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
     )
     # `import` lines in a .pth run at start-up: addsitedir also runs the project env's own .pth
     # files (the editable lit_rlhf install) and appends it after the side env's site-packages.

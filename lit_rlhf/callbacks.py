@@ -92,9 +92,22 @@ class ProgressLines(Callback):
     headline metrics logged so far; one line per validation. Silent on a terminal and on ranks > 0.
     """
 
-    HEADLINE = ("objective/scores", "objective/kl", "objective/kl_per_token", "kl_coef", "train/loss", "train/accuracy",
-                "train/rewards/accuracies", "train/pairs_per_sec", "train/tokens_per_sec", "train/images_per_sec",
-                "train/loss_d", "train/loss_g", "train/reward", "train/keyword_rate")  # fmt: skip
+    HEADLINE = (
+        "objective/scores",
+        "objective/kl",
+        "objective/kl_per_token",
+        "kl_coef",
+        "train/loss",
+        "train/accuracy",
+        "train/rewards/accuracies",
+        "train/pairs_per_sec",
+        "train/tokens_per_sec",
+        "train/images_per_sec",
+        "train/loss_d",
+        "train/loss_g",
+        "train/reward",
+        "train/keyword_rate",
+    )
 
     def __init__(self, every_s: float = 30.0) -> None:
         self.every_s = every_s
@@ -141,8 +154,11 @@ class ProgressLines(Callback):
         if self._printed and now - self._last < self.every_s:
             return
         elapsed, fraction = now - self._start, self._fraction(trainer, batch_idx)
-        parts = [self._where(trainer, batch_idx), f"{(now - self._last) / self._batches_since:.1f} s/batch",
-                 f"elapsed {_duration(elapsed)}"]  # fmt: skip
+        parts = [
+            self._where(trainer, batch_idx),
+            f"{(now - self._last) / self._batches_since:.1f} s/batch",
+            f"elapsed {_duration(elapsed)}",
+        ]
         if fraction:
             parts.append(f"ETA {_duration(elapsed * (1 - fraction) / fraction)}")
         metrics = self._metrics(trainer, self.HEADLINE)
@@ -175,8 +191,11 @@ class LogLastStep(Callback):
         every = trainer.log_every_n_steps
         if not trainer.loggers or not every or self._batches == 0 or self._batches % every == 0:
             return
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
-                   if not key.startswith("val") and torch.is_tensor(value) and value.numel() == 1}  # fmt: skip
+        metrics = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if not key.startswith("val") and torch.is_tensor(value) and value.numel() == 1
+        }
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)  # Lightning's x-axis
         for logger in trainer.loggers if metrics else []:
             logger.log_metrics(metrics, step=max(step - 1, 0))
@@ -201,15 +220,17 @@ class StepsProgressBar(RichProgressBar):
             self.progress.update(self.train_progress_bar_id, description=description)
 
 
-
 def took_a_step(trainer) -> bool:
     """No export from a run that never took an optimizer step (e.g. no training batch): its model is
     the untrained one, and the next stage would accept it."""
     if trainer.global_step > 0:
         return True
     if trainer.is_global_zero:
-        print("[lit_rlhf] nothing exported: the run took no optimizer step (no training batch?), so its model is "
-              "the untrained one.", file=sys.stderr)  # fmt: skip
+        print(
+            "[lit_rlhf] nothing exported: the run took no optimizer step (no training batch?), so its model is "
+            "the untrained one.",
+            file=sys.stderr,
+        )
     return False
 
 
@@ -238,6 +259,12 @@ class ExportBest(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not took_a_step(trainer):
             return
-        best = next((cb for cb in trainer.checkpoint_callbacks
-                     if getattr(cb, "monitor", None) == self.monitor and cb.best_model_path), None)  # fmt: skip
+        best = next(
+            (
+                cb
+                for cb in trainer.checkpoint_callbacks
+                if getattr(cb, "monitor", None) == self.monitor and cb.best_model_path
+            ),
+            None,
+        )
         pl_module.export_run(best)

@@ -99,8 +99,12 @@ def resolve_config_args(args: list[str]) -> list[str]:
 
 def stage_configs() -> list[str]:
     """Each method's base config (the evaluation's has its own command)."""
-    return sorted(f"configs/{project}/{p.name}" for project in PROJECTS
-                  for p in (CONFIGS / project).glob("*.yaml") if p.name != "evaluate.yaml")  # fmt: skip
+    return sorted(
+        f"configs/{project}/{p.name}"
+        for project in PROJECTS
+        for p in (CONFIGS / project).glob("*.yaml")
+        if p.name != "evaluate.yaml"
+    )
 
 
 def override_folders() -> list[str]:
@@ -111,7 +115,8 @@ def _description() -> str:
     overrides = override_folders()
     return (
         f"Train, validate, test or predict with one stage of lit_rlhf:\n\n"
-        f"  {PROG} fit --config configs/<project>/<method>.yaml [--config configs/<override>.yaml] [--trainer.max_steps 100]\n\n"
+        f"  {PROG} fit --config configs/<project>/<method>.yaml [--config configs/<override>.yaml] "
+        "[--trainer.max_steps 100]\n\n"
         "Stage configs (each file's header says what it is for and how to run it small):\n  "
         + "\n  ".join(stage_configs())
         + "\nOverrides, stacked after a stage's config (the later file wins):\n  "
@@ -124,12 +129,20 @@ def _description() -> str:
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 VALUE_PATTERNS = (r"input_value='([^']*)'", r"Got value: (.*)", r"val='([^']*)'", r"Given value: (.*)")
-_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
-          "validation error for", "For further information", "Problem with given class_path")  # fmt: skip
+_NOISE = (
+    "Does not validate against",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+    "validation error for",
+    "For further information",
+    "Problem with given class_path",
+)
 
 
 def _expected(line: str) -> str:
-    """"Expected a <class 'int'>" -> "an int"; "Expected a typing.Literal['a', 'b']" -> "one of 'a', 'b'"."""
+    """ "Expected a <class 'int'>" -> "an int"; "Expected a typing.Literal['a', 'b']" -> "one of 'a', 'b'"."""
     what = re.sub(r"<class '(\w+)'>", r"\1", line.split(". Got value:")[0].removeprefix("Expected a "))
     literal = re.fullmatch(r"typing\.Literal\[(.*)\]", what)
     return f"one of {literal.group(1)}" if literal else f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
@@ -180,6 +193,8 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
 _NUMERIC = ("lr", "weight_decay", "eps", "momentum")  # optimizer arguments that take a number
 
 
@@ -284,8 +299,9 @@ class LitRLHFCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         place_outputs_under_root(config.trainer)
-        check_accelerator(config.trainer.accelerator, config.trainer.precision, config.trainer.devices,
-                          config.trainer.strategy)  # fmt: skip
+        check_accelerator(
+            config.trainer.accelerator, config.trainer.precision, config.trainer.devices, config.trainer.strategy
+        )
         check_ckpt_path(config.get("ckpt_path"))
         if self.subcommand == "fit":
             check_trains_something(config.trainer)
@@ -354,9 +370,12 @@ def check_accelerator(accelerator, precision, devices=None, strategy=None) -> No
     paragraph each. bf16 on a CPU: one warning line."""
     name = str(accelerator).lower()
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
-        build = (f"a CPU-only build of torch {torch.__version__}" if torch.version.cuda is None
-                 else f"torch {torch.__version__} built for CUDA {torch.version.cuda}, but no device is visible: "
-                      "check nvidia-smi and CUDA_VISIBLE_DEVICES")  # fmt: skip
+        build = (
+            f"a CPU-only build of torch {torch.__version__}"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} built for CUDA {torch.version.cuda}, but no device is visible: "
+            "check nvidia-smi and CUDA_VISIBLE_DEVICES"
+        )
         raise UserInputError(
             f"--trainer.accelerator {accelerator}: PyTorch finds no CUDA GPU on this machine ({build}). To run on "
             "the CPU pass --trainer.accelerator cpu --trainer.precision 32-true and leave out GPU overrides such "
@@ -383,16 +402,21 @@ def check_accelerator(accelerator, precision, devices=None, strategy=None) -> No
             "(configs/scale/)."
         )
     if str(precision).startswith("bf16") and rank_zero_only.rank == 0:
-        print(f"[lit_rlhf] warning: trainer.precision {precision} on a CPU runs {CPU_BF16_SLOWDOWN} slower than "
-              "32-true (bf16 autocast, measured on SmolLM2 steps): use --trainer.precision 32-true on CPUs.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"[lit_rlhf] warning: trainer.precision {precision} on a CPU runs {CPU_BF16_SLOWDOWN} slower than "
+            "32-true (bf16 autocast, measured on SmolLM2 steps): use --trainer.precision 32-true on CPUs.",
+            file=sys.stderr,
+        )
 
 
 def check_trains_something(trainer_cfg) -> None:
     """`fit` with max_steps 0, max_epochs 0 or no training batch would run no optimizer step and
     still export the untrained model (a random reward head that PPO would accept)."""
-    zero = [f"--trainer.{key} {value}" for key in ("max_steps", "max_epochs", "limit_train_batches")
-            if (value := trainer_cfg.get(key)) is not None and value == 0]  # fmt: skip
+    zero = [
+        f"--trainer.{key} {value}"
+        for key in ("max_steps", "max_epochs", "limit_train_batches")
+        if (value := trainer_cfg.get(key)) is not None and value == 0
+    ]
     if zero:
         raise UserInputError(
             f"{', '.join(zero)}: this run would take no optimizer step, and its stage would still export an "

@@ -86,8 +86,10 @@ def load_checkpoint(path: str | Path, what: str) -> dict:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, garbage bytes and refused pickles share no base class
         if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
-            fix = ("It holds Python objects that a weights-only load refuses: it was written by other code or an "
-                   "older version of this project. Pass a checkpoint written by this project's stages.")
+            fix = (
+                "It holds Python objects that a weights-only load refuses: it was written by other code or an "
+                "older version of this project. Pass a checkpoint written by this project's stages."
+            )
         else:
             fix = "The file is truncated or corrupt (an interrupted save or copy): copy it again or use an earlier one."
         raise UserInputError(f"{what}: '{path}' is not a readable checkpoint ({reason(error)}). {fix}") from error

@@ -25,8 +25,11 @@ from lit_rlhf.tracking import wandb_mode
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = LitRLHFParser(prog="python -m lit_rlhf.evaluate", description=__doc__,  # bad options: one paragraph
-                           formatter_class=KeepLinesFormatter)
+    parser = LitRLHFParser(
+        prog="python -m lit_rlhf.evaluate",
+        description=__doc__,  # bad options: one paragraph
+        formatter_class=KeepLinesFormatter,
+    )
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(EvalSettings, nested_key=None)
     cfg = parser.parse_args(resolve_config_args(sys.argv[1:] if argv is None else argv))  # configs/ from any folder

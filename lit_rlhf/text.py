@@ -43,8 +43,9 @@ def render_prompt_response(tokenizer, prompt, response: str, ended: bool = True)
             "cannot be rendered as user/assistant turns. Use an instruct model (e.g. SmolLM2-Instruct)."
         )
     head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
-                                         continue_final_message=not ended)  # fmt: skip
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], tokenize=False, continue_final_message=not ended
+    )
     if not full.startswith(head):
         raise UserInputError(
             f"The chat template of '{tokenizer.name_or_path}' does not render the prompt as a prefix of "
@@ -68,7 +69,11 @@ def encode_prompt_response(
 
 
 def encode_prompt_responses(
-    tokenizer, prompt, responses: Sequence[str], max_length: int, min_prompt_tokens: int = 64,
+    tokenizer,
+    prompt,
+    responses: Sequence[str],
+    max_length: int,
+    min_prompt_tokens: int = 64,
     ended: Sequence[bool] | None = None,
 ) -> list[tuple[list[int], dict]]:
     """`encode_prompt_response` for several responses to one prompt, whose prompt is cut ONCE, to
@@ -76,21 +81,26 @@ def encode_prompt_responses(
     tokens, as a preference pair must (DPO compares the two log-probs given the same prompt)."""
     if not 0 <= min_prompt_tokens < max_length:
         raise UserInputError(f"min_prompt_tokens ({min_prompt_tokens}) must be in [0, max_length {max_length}).")
-    rendered = [render_prompt_response(tokenizer, prompt, r, e)
-                for r, e in zip(responses, ended or [True] * len(responses), strict=True)]  # fmt: skip
+    rendered = [
+        render_prompt_response(tokenizer, prompt, r, e)
+        for r, e in zip(responses, ended or [True] * len(responses), strict=True)
+    ]
     prompt_ids = tokenizer(rendered[0][0], add_special_tokens=False)["input_ids"]
     tails = [tokenizer(tail, add_special_tokens=False)["input_ids"] for _, tail in rendered]
     kept_tails = [tail[: max_length - min_prompt_tokens] for tail in tails]
     budget = max_length - max(len(tail) for tail in kept_tails)
     kept_prompt = prompt_ids[len(prompt_ids) - budget :] if len(prompt_ids) > budget else prompt_ids
     return [
-        (kept_prompt + kept, {
-            "prompt_cut": len(prompt_ids) > budget,
-            "prompt_over_max_length": len(prompt_ids) > max_length,
-            "response_cut": len(tail) > len(kept),
-            "untruncated_tokens": len(prompt_ids) + len(tail),
-            "prompt_tokens": len(kept_prompt),
-        })
+        (
+            kept_prompt + kept,
+            {
+                "prompt_cut": len(prompt_ids) > budget,
+                "prompt_over_max_length": len(prompt_ids) > max_length,
+                "response_cut": len(tail) > len(kept),
+                "untruncated_tokens": len(prompt_ids) + len(tail),
+                "prompt_tokens": len(kept_prompt),
+            },
+        )
         for tail, kept in zip(tails, kept_tails)
     ]
 
@@ -130,8 +140,9 @@ def chat_prompt_ids(
     if not isinstance(user_text, str):
         messages = list(user_text)
         while len(messages) > 1:
-            ids = tokenizer.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)  # fmt: skip
+            ids = tokenizer.apply_chat_template(
+                system + messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             if len(ids) <= max_length:
                 return ids, messages
             messages = messages[2:]
@@ -139,8 +150,9 @@ def chat_prompt_ids(
         return ids, [{"role": "user", "content": kept}]
 
     def render(text: str) -> list[int]:
-        return tokenizer.apply_chat_template(system + as_messages(text), add_generation_prompt=True, tokenize=True,
-                                             return_dict=False)  # fmt: skip
+        return tokenizer.apply_chat_template(
+            system + as_messages(text), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
 
     ids = render(user_text)
     if len(ids) <= max_length:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_tiny_llama_dir
 
 REPO = Path(__file__).resolve().parents[1]

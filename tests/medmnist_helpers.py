@@ -36,10 +36,13 @@ def tiny_split(flag: str, n: int, rng: np.random.Generator, size: int = 28):
     return images, labels
 
 
-def write_tiny_medmnist(root: Path, flag: str, n_train: int = 64, n_val: int = 16, n_test: int = 16,
-                        size: int = 28, seed: int = 0) -> Path:
+def write_tiny_medmnist(
+    root: Path, flag: str, n_train: int = 64, n_val: int = 16, n_test: int = 16, size: int = 28, seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
-    splits = {split: tiny_split(flag, n, rng, size) for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
+    splits = {
+        split: tiny_split(flag, n, rng, size) for split, n in (("train", n_train), ("val", n_val), ("test", n_test))
+    }
     return save_medmnist_npz(root, flag, splits, size=size)
 
 
@@ -57,15 +60,19 @@ def real_arrays(data_root: Path, flag: str, split: str, start: int = 0, stop: in
         return arrays[f"{split}_images"][start:stop], arrays[f"{split}_labels"][start:stop]
 
 
-def write_real_slice(data_root: Path, root: Path, flag: str, n_train: int = 64, n_val: int = 16,
-                     n_test: int = 16) -> Path:
+def write_real_slice(
+    data_root: Path, root: Path, flag: str, n_train: int = 64, n_val: int = 16, n_test: int = 16
+) -> Path:
     """The first images of each split of the real file, written in MedMNIST's layout under `root`."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    return save_medmnist_npz(root, flag, {split: real_arrays(data_root, flag, split, 0, n) for split, n in counts.items()})
+    return save_medmnist_npz(
+        root, flag, {split: real_arrays(data_root, flag, split, 0, n) for split, n in counts.items()}
+    )
 
 
-def fit_tiny_dcgan(root: Path, flag: str = "dermamnist", epochs: int = 2, data: Path | None = None,
-                   **model_args) -> tuple[DCGAN, Trainer]:
+def fit_tiny_dcgan(
+    root: Path, flag: str = "dermamnist", epochs: int = 2, data: Path | None = None, **model_args
+) -> tuple[DCGAN, Trainer]:
     """A width-8 DCGAN fitted on 48 images (3 batches an epoch), run folder `root/run`: tiny synthetic
     ones, or those of the `.npz` already in `data`."""
     if data is None:
@@ -73,8 +80,12 @@ def fit_tiny_dcgan(root: Path, flag: str = "dermamnist", epochs: int = 2, data: 
         write_tiny_medmnist(data, flag, n_train=48)
     model = DCGAN(latent_dim=16, ngf=8, ndf=8, sample_every_n_epochs=1, plot_first_epochs=1, **model_args)
     trainer = Trainer(
-        default_root_dir=root / "run", max_epochs=epochs, logger=CSVLogger(root / "run", name="csv"),
-        log_every_n_steps=1, enable_progress_bar=False, accelerator="cpu",
+        default_root_dir=root / "run",
+        max_epochs=epochs,
+        logger=CSVLogger(root / "run", name="csv"),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        accelerator="cpu",
     )
     trainer.fit(model, MedMNISTDataModule(flag=flag, root=str(data), val_split=None, batch_size=16))
     return model, trainer

@@ -9,9 +9,8 @@ output embeddings (untied) carry the same parity direction, so PPO can raise the
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
-
 from helpers import make_tiny_llama_dir
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
 
 
 def _parity(vocab_size: int) -> torch.Tensor:

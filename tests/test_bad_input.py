@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from eval.test_rlhf_evaluation import fake_runs  # noqa: F401  (a module-scoped fixture)
 from helpers import config_args, make_tiny_llama_dir
 from lightning.pytorch import Trainer
 from medmnist_helpers import fit_tiny_dcgan, write_tiny_medmnist
+from ppo_fixtures import make_parity_policy, make_parity_reward_model
 from preference_fixtures import separable_pairs, write_jsonl
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from eval.test_rlhf_evaluation import fake_runs  # noqa: F401  (a module-scoped fixture)
 from lit_rlhf import evaluate
 from lit_rlhf.cli import main
 from lit_rlhf.data.oasst1 import read_oasst1_rows
@@ -42,7 +43,6 @@ from lit_rlhf.tinygpt.rl_lite import RLLiteModule
 from lit_rlhf.tinygpt.sft import SFTTinyGPTModule
 from lit_rlhf.tinygpt.tokenizer import UNK
 from lit_rlhf.tinygpt.wikitext import WikiText2DataModule
-from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_ONLY = '[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}}]'
@@ -144,11 +144,30 @@ def test_tinygpt_nan_loss_stops_the_cli_run_without_a_checkpoint(tmp_path, monke
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(TinyGPTModule, "_loss", lambda self, batch: self(batch[0]).sum() * math.nan)
     root = tmp_path / "run"
-    message = cli_error(capsys, lambda: main([
-        "fit", "--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
-        "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "3",
-        "--trainer.logger", CSV_ONLY, "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-    ]))
+    message = cli_error(
+        capsys,
+        lambda: main(
+            [
+                "fit",
+                "--config",
+                "configs/tinygpt/pretrain.yaml",
+                "--data.path",
+                "builtin:pydoc-topics",
+                "--data.train_chars",
+                "4000",
+                "--data.val_chars",
+                "1000",
+                "--trainer.max_steps",
+                "3",
+                "--trainer.logger",
+                CSV_ONLY,
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.default_root_dir",
+                str(root),
+            ]
+        ),
+    )
     assert "train/loss = nan at step 0" in message and "learning rate" in message
     assert not list(root.rglob("*.ckpt"))
 
@@ -176,16 +195,29 @@ def test_tinygpt_init_from_a_checkpoint_holding_python_objects_is_not_unpickled(
 # -------------------------------------------------------------------------- SFT
 
 
-@pytest.mark.parametrize("config, bad_value", [("sft_tinygpt", "--model.init_args.init_from={dcgan}"),
-                                               ("reward_model", "--model.model_name_or_path=lit-rlhf-tests/no-such-model")],
-                         ids=["sft_tinygpt", "reward_model"])
+@pytest.mark.parametrize(
+    "config, bad_value",
+    [
+        ("sft_tinygpt", "--model.init_args.init_from={dcgan}"),
+        ("reward_model", "--model.model_name_or_path=lit-rlhf-tests/no-such-model"),
+    ],
+    ids=["sft_tinygpt", "reward_model"],
+)
 def test_init_time_errors_through_the_cli_are_one_paragraph(config, bad_value, tmp_path, dcgan_checkpoint, capsys):
     """Today: a jsonargparse trace ("Does not validate against any of the Union subtypes") with
     the message inside; the same holds for every UserInputError raised while building a module."""
-    message = cli_error(capsys, lambda: main([
-        "fit", *config_args(config), bad_value.format(dcgan=dcgan_checkpoint),
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-    ]))
+    message = cli_error(
+        capsys,
+        lambda: main(
+            [
+                "fit",
+                *config_args(config),
+                bad_value.format(dcgan=dcgan_checkpoint),
+                "--trainer.default_root_dir",
+                str(tmp_path / "run"),
+            ]
+        ),
+    )
     assert "is not a TinyGPT checkpoint" in message or "offline" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -218,8 +250,9 @@ def test_rl_lite_prompts_must_not_be_empty():
 
 
 def test_rl_lite_prompt_longer_than_the_block_is_cropped_from_the_left(tmp_path):
-    model = RLLiteModule(init_from=str(tinygpt_checkpoint(tmp_path / "t.ckpt", block_size=8)),
-                         samples_per_prompt=4, max_new_chars=6)
+    model = RLLiteModule(
+        init_from=str(tinygpt_checkpoint(tmp_path / "t.ckpt", block_size=8)), samples_per_prompt=4, max_new_chars=6
+    )
     prompt = "abcdefghijklmnopqrstuvwxyz" * 2
     seqs, mask, texts = model.sample_completions(prompt)
     assert seqs.shape == (4, len(prompt) + 6) and mask.shape == (4, 6) and len(texts) == 4
@@ -260,8 +293,14 @@ def test_reward_model_nan_loss_stops_before_the_export(tmp_path, tiny_llama_dir,
     write_jsonl(tmp_path / "pairs" / "validation.jsonl", separable_pairs(4))
     model = RewardModel(str(tiny_llama_dir))
     monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask, *_: torch.full((len(input_ids),), math.nan))
-    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     data = PreferenceDataModule(str(tmp_path / "pairs"), max_length=64, min_prompt_tokens=16, batch_size=4)
     with pytest.raises(NonFiniteError, match="train/loss = nan at step 0"):
         trainer.fit(model, data)
@@ -284,12 +323,21 @@ def test_tokenizer_without_pad_token_falls_back_to_eos_else_stops(no_pad_tokeniz
 @pytest.fixture(scope="module")
 def parity_models(tmp_path_factory, smol_tokenizer_dir):
     root = tmp_path_factory.mktemp("parity")
-    return make_parity_policy(root / "policy", smol_tokenizer_dir), make_parity_reward_model(root / "rm", smol_tokenizer_dir)
+    return make_parity_policy(root / "policy", smol_tokenizer_dir), make_parity_reward_model(
+        root / "rm", smol_tokenizer_dir
+    )
 
 
 def oasst1_message(mid, parent, role, text, lang="en") -> dict:
-    return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": 0,
-            "message_tree_id": f"tree_{mid}", "lang": lang}  # fmt: skip
+    return {
+        "message_id": mid,
+        "parent_id": parent,
+        "role": role,
+        "text": text,
+        "rank": 0,
+        "message_tree_id": f"tree_{mid}",
+        "lang": lang,
+    }
 
 
 def test_ppo_prompt_hub_id_offline_and_missing_reward_model(tmp_path, parity_models):
@@ -347,9 +395,11 @@ def test_a_system_instruction_the_chat_template_cannot_render_is_refused(tmp_pat
     policy, reward = parity_models
     no_system = shutil.copytree(policy, tmp_path / "no_system_role")
     tokenizer = load_tokenizer(str(no_system))
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
-                               "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tokenizer.save_pretrained(no_system)
     with pytest.raises(UserInputError, match="does not render the system instruction 'Be brief.'"):
         PPOModule(model_name_or_path=str(no_system), reward_model_path=str(reward), system_prompt="Be brief.")
@@ -366,21 +416,35 @@ def evaluate_args(fake_runs, out: Path, **overrides) -> list[str]:
         run = overrides.pop(key, default)
         if run not in (None, "null"):
             policies[name] = str(run)
-    settings = {"reward_model": reward, "base_model": base, "policies": json.dumps(policies), "out_dir": out,
-                "max_new_tokens": 4, "batch_size": 25, "bootstrap_resamples": 100, **overrides}
+    settings = {
+        "reward_model": reward,
+        "base_model": base,
+        "policies": json.dumps(policies),
+        "out_dir": out,
+        "max_new_tokens": 4,
+        "batch_size": 25,
+        "bootstrap_resamples": 100,
+        **overrides,
+    }
     return ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), *[f"--{k}={v}" for k, v in settings.items()]]
 
 
 def test_evaluation_base_model_hub_id_offline(fake_runs, tmp_path, capsys):
     out = tmp_path / "eval"
-    message = cli_error(capsys, lambda: evaluate.main(
-        evaluate_args(fake_runs, out, base_model="lit-rlhf-tests/no-such-model", ppo_lora="null")))
+    message = cli_error(
+        capsys,
+        lambda: evaluate.main(
+            evaluate_args(fake_runs, out, base_model="lit-rlhf-tests/no-such-model", ppo_lora="null")
+        ),
+    )
     assert "offline" in message and "embedded:smollm2" in message and not out.exists()
 
 
 def test_evaluation_prompts_missing_or_without_prompt_text(fake_runs, tmp_path, capsys):
     out = tmp_path / "eval"
-    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, eval_prompts=tmp_path / "none.jsonl")))
+    message = cli_error(
+        capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, eval_prompts=tmp_path / "none.jsonl"))
+    )
     assert "No evaluation prompts at" in message
     rows = [{"message_id": str(i), "text": f"question {i}"} for i in range(60)]
     bad = write_jsonl(tmp_path / "eval_prompts.jsonl", rows)
@@ -400,8 +464,10 @@ def test_evaluation_ppo_run_without_its_export(fake_runs, tmp_path, capsys):
 
 def test_tinygpt_results_of_a_folder_that_is_no_run(tmp_path, capsys):
     (tmp_path / "not_a_run").mkdir()
-    message = cli_error(capsys, lambda: tinygpt_results.main(["--pretrain", str(tmp_path / "not_a_run"),
-                                                             "--out", str(tmp_path / "out")]))
+    message = cli_error(
+        capsys,
+        lambda: tinygpt_results.main(["--pretrain", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "out")]),
+    )
     assert "has no csv/version_*/metrics.csv" in message and not (tmp_path / "out").exists()
 
 
@@ -409,19 +475,27 @@ def test_evaluation_long_prompts_are_cut_from_the_left_when_generating(fake_runs
     base = fake_runs[1]
     model, tokenizer = load_causal_lm(str(base)), load_tokenizer(str(base), padding_side="left")
     prompts = ["short question?", "START " + "filler words " * 300 + "END?"]
-    texts, ids = generate_responses(model, tokenizer, prompts, max_new_tokens=3, temperature=0.7, seed=0,
-                                    max_prompt_length=40)
+    texts, ids = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=3, temperature=0.7, seed=0, max_prompt_length=40
+    )
     assert len(texts) == 2 and all(0 < len(row) <= 3 for row in ids)
 
 
 def test_evaluation_nan_rewards_stop_before_anything_is_written(fake_runs, tmp_path, monkeypatch, capsys):
     from lit_rlhf.eval import rlhf
 
-    monkeypatch.setattr(rlhf, "score_responses",
-                        lambda model, tok, prompts, *args, **kwargs: torch.full((len(prompts),), math.nan))
+    monkeypatch.setattr(
+        rlhf, "score_responses", lambda model, tok, prompts, *args, **kwargs: torch.full((len(prompts),), math.nan)
+    )
     out = tmp_path / "eval"
-    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, ppo_full="null", ppo_lora="null",
-                                                                    eval_prompts=fake_runs[3] / "eval_prompts.jsonl")))
+    message = cli_error(
+        capsys,
+        lambda: evaluate.main(
+            evaluate_args(
+                fake_runs, out, ppo_full="null", ppo_lora="null", eval_prompts=fake_runs[3] / "eval_prompts.jsonl"
+            )
+        ),
+    )
     assert "gave NaN/inf rewards to 50 of the 50 responses of Pretrained" in message and not out.exists()
 
 
@@ -441,11 +515,14 @@ def other_bases(tmp_path_factory, smol_tokenizer_dir) -> dict[str, Path]:
         "wider": make_tiny_llama_dir(root / "wider", smol_tokenizer_dir, hidden_size=64, intermediate_size=128),
         "deeper": make_tiny_llama_dir(root / "deeper", smol_tokenizer_dir, num_hidden_layers=3),
         "shallower": make_tiny_llama_dir(root / "shallower", smol_tokenizer_dir, num_hidden_layers=1),
-        "small_vocab": make_tiny_llama_dir(root / "small_vocab", smol_tokenizer_dir, vocab_size=1000,
-                                           bos_token_id=1, eos_token_id=2, pad_token_id=2),
+        "small_vocab": make_tiny_llama_dir(
+            root / "small_vocab", smol_tokenizer_dir, vocab_size=1000, bos_token_id=1, eos_token_id=2, pad_token_id=2
+        ),
     }
     tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer))).save_pretrained(root / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer))).save_pretrained(
+        root / "gpt2"
+    )
     tokenizer.save_pretrained(root / "gpt2")
     return {**bases, "gpt2": root / "gpt2"}
 
@@ -461,9 +538,18 @@ def test_evaluation_lora_adapter_on_the_wrong_base_model(fake_runs, other_bases,
 def test_evaluation_lora_adapter_on_the_wrong_base_through_the_command(fake_runs, other_bases, tmp_path, capsys):
     """The silent case: a deeper base takes the adapter without a PEFT error."""
     out = tmp_path / "eval"
-    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, out, base_model=other_bases["deeper"],
-                                                                    ppo_full="null",
-                                                                    eval_prompts=fake_runs[3] / "eval_prompts.jsonl")))
+    message = cli_error(
+        capsys,
+        lambda: evaluate.main(
+            evaluate_args(
+                fake_runs,
+                out,
+                base_model=other_bases["deeper"],
+                ppo_full="null",
+                eval_prompts=fake_runs[3] / "eval_prompts.jsonl",
+            )
+        ),
+    )
     assert "does not fit the base model" in message and "LoRA tensors are missing from the adapter" in message
     assert not out.exists()
 
@@ -474,8 +560,9 @@ def test_evaluation_tokenizer_of_another_model_is_refused(fake_runs, other_bases
     shutil.rmtree(full / "policy")
     shutil.copytree(other_bases["small_vocab"], full / "policy")
     AutoTokenizer.from_pretrained(fake_runs[1]).save_pretrained(full / "policy")
-    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", ppo_full=full,
-                                                                    ppo_lora="null")))
+    message = cli_error(
+        capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", ppo_full=full, ppo_lora="null"))
+    )
     assert "The tokenizer of PPO (full) has 49152 tokens but the model's embedding only 1000 rows" in message
 
 
@@ -485,8 +572,9 @@ def test_evaluation_truncated_adapter_or_policy_weights(fake_runs, tmp_path, cap
     with pytest.raises(UserInputError, match="Could not read the LoRA adapter weights .* truncated or corrupt"):
         load_lora_policy(str(fake_runs[1]), lora_run / "policy_adapter")
     full = truncated_folder(fake_runs[3], tmp_path / "ppo_full", "policy/model.safetensors")
-    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", ppo_full=full,
-                                                                    ppo_lora="null")))
+    message = cli_error(
+        capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", ppo_full=full, ppo_lora="null"))
+    )
     assert "Could not load the causal LM from the local folder" in message and "truncated or corrupt" in message
 
 
@@ -503,11 +591,14 @@ def test_dcgan_image_size_or_channels_other_than_the_model(tmp_path):
     with pytest.raises(UserInputError, match="size 32 is not supported"):
         MedMNISTDataModule(size=32)
     write_tiny_medmnist(tmp_path, "dermamnist", n_train=32)
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     with pytest.raises(UserInputError, match=r"\(channels, size\) \(3, 28\) but the DCGAN was built for \(1, 28\)"):
-        trainer.fit(DCGAN(latent_dim=8, ngf=8, ndf=8, channels=1, image_size=28),
-                    MedMNISTDataModule(root=str(tmp_path), val_split=None, batch_size=16))
+        trainer.fit(
+            DCGAN(latent_dim=8, ngf=8, ndf=8, channels=1, image_size=28),
+            MedMNISTDataModule(root=str(tmp_path), val_split=None, batch_size=16),
+        )
 
 
 def test_dcgan_nan_losses_stop_training_without_grids_or_checkpoints(tmp_path):
@@ -515,8 +606,13 @@ def test_dcgan_nan_losses_stop_training_without_grids_or_checkpoints(tmp_path):
     model = DCGAN(latent_dim=8, ngf=8, ndf=8, channels=3, image_size=28)
     with torch.no_grad():
         next(model.generator.parameters()).fill_(math.nan)
-    trainer = Trainer(default_root_dir=tmp_path / "run", max_epochs=2, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        default_root_dir=tmp_path / "run",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     message = r"\(loss_d, loss_g, d_real, d_fake\) = \[nan, nan, .*\] at step \d+\. Lower the learning rates"
     with pytest.raises(NonFiniteError, match=message):
         trainer.fit(model, MedMNISTDataModule(root=str(tmp_path / "data"), val_split=None, batch_size=16))
@@ -525,10 +621,14 @@ def test_dcgan_nan_losses_stop_training_without_grids_or_checkpoints(tmp_path):
 
 def test_gan_report_refuses_checkpoints_of_other_stages(tmp_path, dcgan_checkpoint, capsys):
     tinygpt = tinygpt_checkpoint(tmp_path / "tinygpt.ckpt")
-    message = cli_error(capsys, lambda: gan_report.main(["--ckpt", str(tinygpt), "--classifier", str(dcgan_checkpoint)]))
+    message = cli_error(
+        capsys, lambda: gan_report.main(["--ckpt", str(tinygpt), "--classifier", str(dcgan_checkpoint)])
+    )
     assert "is not a DCGAN checkpoint" in message
-    message = cli_error(capsys, lambda: gan_report.main(["--ckpt", str(dcgan_checkpoint), "--classifier",
-                                                        str(dcgan_checkpoint), "--no-wandb"]))
+    message = cli_error(
+        capsys,
+        lambda: gan_report.main(["--ckpt", str(dcgan_checkpoint), "--classifier", str(dcgan_checkpoint), "--no-wandb"]),
+    )
     assert "--classifier" in message and "is not a MedMNISTClassifier checkpoint" in message
     assert not (dcgan_checkpoint.parent / "samples" / "gan_report.md").exists()
 
@@ -567,12 +667,18 @@ def test_classifier_nan_loss_is_a_non_finite_error():
 
 def test_classifier_built_for_other_data(tmp_path):
     write_tiny_medmnist(tmp_path, "dermamnist", n_train=32)
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
-    with pytest.raises(UserInputError, match=r"\(channels, classes, multi-label\) \(3, 7, False\), the classifier "
-                                             r"was built for \(1, 14, True\)"):
-        trainer.fit(MedMNISTClassifier(channels=1, num_classes=14, multi_label=True, width=8, feature_dim=16),
-                    MedMNISTDataModule(root=str(tmp_path), batch_size=16))
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.raises(
+        UserInputError,
+        match=r"\(channels, classes, multi-label\) \(3, 7, False\), the classifier "
+        r"was built for \(1, 14, True\)",
+    ):
+        trainer.fit(
+            MedMNISTClassifier(channels=1, num_classes=14, multi_label=True, width=8, feature_dim=16),
+            MedMNISTDataModule(root=str(tmp_path), batch_size=16),
+        )
 
 
 # -------------------------------------------------------------------------- every stage's run folder
@@ -582,48 +688,160 @@ SECRETS = {"WANDB_API_KEY": "wandbsecret0123456789abcdef0123456789abcdef", "HF_T
 
 def stage_args(stage: str, root: Path, work: Path, parity_models) -> list[str]:
     """`python -m lit_rlhf fit` arguments for a run of a few steps of `stage`, writing under `root`."""
-    common = ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-              "--trainer.log_every_n_steps", "1"]
+    common = [
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
     if stage == "pretrain_tinygpt":  # with the config's W&B logger: the secrets check covers its files
-        return ["--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
-                "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "4", *common]
+        return [
+            "--config",
+            "configs/tinygpt/pretrain.yaml",
+            "--data.path",
+            "builtin:pydoc-topics",
+            "--data.train_chars",
+            "4000",
+            "--data.val_chars",
+            "1000",
+            "--trainer.max_steps",
+            "4",
+            *common,
+        ]
     common += ["--trainer.logger", CSV_ONLY]
     if stage == "sft_tinygpt":
         (work / "train.txt").write_text(TEXT)
-        return ["--config", "configs/tinygpt/sft.yaml", *common, "--data.path", str(work / "train.txt"),
-                "--model.init_args.init_from", str(tinygpt_checkpoint(work / "init.ckpt")), "--data.k", "16",
-                "--data.stride", "32", "--data.batch_size", "16", "--trainer.max_steps", "4",
-                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
+        return [
+            "--config",
+            "configs/tinygpt/sft.yaml",
+            *common,
+            "--data.path",
+            str(work / "train.txt"),
+            "--model.init_args.init_from",
+            str(tinygpt_checkpoint(work / "init.ckpt")),
+            "--data.k",
+            "16",
+            "--data.stride",
+            "32",
+            "--data.batch_size",
+            "16",
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
     if stage == "rl_lite":
-        return ["--config", "configs/tinygpt/rl_lite.yaml", *common, "--model.init_args.init_from",
-                str(tinygpt_checkpoint(work / "init.ckpt", vocab=[UNK, "a", "d", "t", "\n"])),
-                "--model.init_args.samples_per_prompt", "4", "--model.init_args.max_new_chars", "6",
-                "--data.prompts", '["a", "t"]', "--data.steps_per_epoch", "2", "--trainer.max_steps", "2"]
+        return [
+            "--config",
+            "configs/tinygpt/rl_lite.yaml",
+            *common,
+            "--model.init_args.init_from",
+            str(tinygpt_checkpoint(work / "init.ckpt", vocab=[UNK, "a", "d", "t", "\n"])),
+            "--model.init_args.samples_per_prompt",
+            "4",
+            "--model.init_args.max_new_chars",
+            "6",
+            "--data.prompts",
+            '["a", "t"]',
+            "--data.steps_per_epoch",
+            "2",
+            "--trainer.max_steps",
+            "2",
+        ]
     if stage == "reward_model":
         write_jsonl(work / "pairs" / "train.jsonl", separable_pairs(16))
         write_jsonl(work / "pairs" / "validation.jsonl", separable_pairs(4))
-        return ["--config", "configs/rlhf/reward_model.yaml", *common, "--model.model_name_or_path", str(parity_models[0]),
-                "--data.path", str(work / "pairs"), "--data.max_length", "64", "--data.min_prompt_tokens", "16",
-                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+        return [
+            "--config",
+            "configs/rlhf/reward_model.yaml",
+            *common,
+            "--model.model_name_or_path",
+            str(parity_models[0]),
+            "--data.path",
+            str(work / "pairs"),
+            "--data.max_length",
+            "64",
+            "--data.min_prompt_tokens",
+            "16",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+        ]
     if stage in ("ppo_full", "ppo_lora"):
         policy, reward = parity_models
         rows = [oasst1_message(f"m{i}", None, "prompter", f"Tell me about number {i}.") for i in range(12)]
-        return [*config_args(stage), *common, "--model.model_name_or_path", str(policy),
-                "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8",
-                "--model.max_new_tokens", "4", "--model.ppo_epochs", "1",
-                "--data.path", str(write_jsonl(work / "oasst1.jsonl", rows)),
-                "--data.num_train_prompts", "8", "--data.num_eval_prompts", "2", "--data.max_prompt_length", "32",
-                "--data.batch_size", "8", "--trainer.max_epochs", "1"]
+        return [
+            *config_args(stage),
+            *common,
+            "--model.model_name_or_path",
+            str(policy),
+            "--model.reward_model_path",
+            str(reward),
+            "--model.forward_batch_size",
+            "8",
+            "--model.max_new_tokens",
+            "4",
+            "--model.ppo_epochs",
+            "1",
+            "--data.path",
+            str(write_jsonl(work / "oasst1.jsonl", rows)),
+            "--data.num_train_prompts",
+            "8",
+            "--data.num_eval_prompts",
+            "2",
+            "--data.max_prompt_length",
+            "32",
+            "--data.batch_size",
+            "8",
+            "--trainer.max_epochs",
+            "1",
+        ]
     write_tiny_medmnist(work, "dermamnist", n_train=32)
     data = ["--data.root", str(work), "--data.batch_size", "16", "--trainer.max_epochs", "1"]
     if stage == "dcgan_dermamnist":
-        return ["--config", "configs/dcgan/dcgan.yaml", *common, *data, "--model.latent_dim", "8",
-                "--model.ngf", "8", "--model.ndf", "8", "--model.sample_every_n_epochs", "1", "--model.plot_first_epochs", "1"]
-    return ["--config", "configs/dcgan/classifier.yaml", *common, *data, "--model.width", "8", "--model.feature_dim", "16"]
+        return [
+            "--config",
+            "configs/dcgan/dcgan.yaml",
+            *common,
+            *data,
+            "--model.latent_dim",
+            "8",
+            "--model.ngf",
+            "8",
+            "--model.ndf",
+            "8",
+            "--model.sample_every_n_epochs",
+            "1",
+            "--model.plot_first_epochs",
+            "1",
+        ]
+    return [
+        "--config",
+        "configs/dcgan/classifier.yaml",
+        *common,
+        *data,
+        "--model.width",
+        "8",
+        "--model.feature_dim",
+        "16",
+    ]
 
 
-STAGES = ["pretrain_tinygpt", "sft_tinygpt", "rl_lite", "reward_model", "ppo_full", "ppo_lora", "dcgan_dermamnist",
-          "medmnist_classifier"]
+STAGES = [
+    "pretrain_tinygpt",
+    "sft_tinygpt",
+    "rl_lite",
+    "reward_model",
+    "ppo_full",
+    "ppo_lora",
+    "dcgan_dermamnist",
+    "medmnist_classifier",
+]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -715,12 +933,20 @@ IMPOSSIBLE_NUMBERS = [
     ("rl_lite", "--model.samples_per_prompt", "0", "--model.samples_per_prompt 0: must be greater than 0."),
     ("dcgan_dermamnist", "--data.batch_size", "-1", "--data.batch_size -1: must be greater than 0."),
     ("pretrain_tinygpt", "--trainer.max_steps", "many", "--trainer.max_steps many: must be an int."),
-    ("pretrain_tinygpt", "--model.n_layers", "2", "--model.n_layers 2: TinyGPTModule has no option 'n_layers'; did you mean --model.n_layer?"),
-]  # fmt: skip
+    (
+        "pretrain_tinygpt",
+        "--model.n_layers",
+        "2",
+        "--model.n_layers 2: TinyGPTModule has no option 'n_layers'; did you mean --model.n_layer?",
+    ),
+]
 
 
-@pytest.mark.parametrize(("config", "option", "value", "expected"), IMPOSSIBLE_NUMBERS,
-                         ids=[f"{config}{option.removeprefix('-')}" for config, option, *_ in IMPOSSIBLE_NUMBERS])
+@pytest.mark.parametrize(
+    ("config", "option", "value", "expected"),
+    IMPOSSIBLE_NUMBERS,
+    ids=[f"{config}{option.removeprefix('-')}" for config, option, *_ in IMPOSSIBLE_NUMBERS],
+)
 def test_impossible_numbers_are_refused_with_the_option_name(config, option, value, expected, capsys):
     """Sizes are typed (pydantic PositiveInt / NonNegativeInt: plain ints in checkpoints), so the
     parser refuses them before anything is built, in one line instead of its usage and nested report."""
@@ -730,17 +956,20 @@ def test_impossible_numbers_are_refused_with_the_option_name(config, option, val
 
 @pytest.mark.parametrize("option", ["--samples_per_prompt", "--batch_size", "--generation_batch_size"])
 def test_the_evaluation_refuses_impossible_numbers_in_one_line(option, capsys):
-    message = cli_error(capsys, lambda: evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"),
-                                                       option, "0"]))  # fmt: skip
-    assert message == (f"lit_rlhf error: {option} 0: must be greater than 0. "
-                       "See `python -m lit_rlhf.evaluate --help`.")
+    message = cli_error(
+        capsys, lambda: evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), option, "0"])
+    )
+    assert message == (f"lit_rlhf error: {option} 0: must be greater than 0. See `python -m lit_rlhf.evaluate --help`.")
 
 
 def test_a_run_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
     run = tmp_path / "pretrain_run"
     tinygpt_checkpoint((run / "checkpoints").mkdir(parents=True) or run / "checkpoints" / "last.ckpt")
-    with pytest.raises(UserInputError, match=r"init_from: '.*pretrain_run' is a folder, not a checkpoint file\. "
-                                             r"Pass the checkpoint file inside it, probably '.*checkpoints/last\.ckpt'"):
+    with pytest.raises(
+        UserInputError,
+        match=r"init_from: '.*pretrain_run' is a folder, not a checkpoint file\. "
+        r"Pass the checkpoint file inside it, probably '.*checkpoints/last\.ckpt'",
+    ):
         TinyGPTModule(init_from=str(run))
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(UserInputError, match="is a folder, not a checkpoint file. It holds no .ckpt file"):
@@ -748,10 +977,26 @@ def test_a_run_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
 
 
 def tinygpt_run_args(root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(REPO / "configs/tinygpt/pretrain.yaml"), "--data.path", "builtin:pydoc-topics",
-            "--data.train_chars", "4000", "--data.val_chars", "1000", "--trainer.max_steps", "2",
-            "--trainer.logger", CSV_ONLY, "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(root), *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs/tinygpt/pretrain.yaml"),
+        "--data.path",
+        "builtin:pydoc-topics",
+        "--data.train_chars",
+        "4000",
+        "--data.val_chars",
+        "1000",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.logger",
+        CSV_ONLY,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_refused(tmp_path, capsys):
@@ -782,9 +1027,13 @@ def test_evaluation_given_a_run_folder_as_reward_model_names_the_option_and_the_
     root, base, reward, full, lora_run = fake_runs
     reward_run = tmp_path / "reward_model_run"
     shutil.copytree(reward, reward_run / "reward_model")
-    message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", reward_model=reward_run)))
-    assert (f"--reward_model '{reward_run}' is not a Hugging Face model folder" in message
-            and f"pass its export, '{reward_run / 'reward_model'}'" in message)  # fmt: skip
+    message = cli_error(
+        capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", reward_model=reward_run))
+    )
+    assert (
+        f"--reward_model '{reward_run}' is not a Hugging Face model folder" in message
+        and f"pass its export, '{reward_run / 'reward_model'}'" in message
+    )
     message = cli_error(capsys, lambda: evaluate.main(evaluate_args(fake_runs, tmp_path / "eval", reward_model=full)))
     assert f"--reward_model '{full}'" in message and "It holds policy/" in message and "reward_model/ folder" in message
     assert not (tmp_path / "eval").exists()

@@ -27,8 +27,15 @@ def check(result: dict) -> None:
         for side in sides:
             figures = entry[side]
             assert "error" not in figures, (method, side, figures.get("error"))
-            for key in ("s_per_step", "cpu_s_per_step", "wall_rollout_s_per_step", "cpu_rollout_s_per_step",
-                        "tokens_per_s", "tokens_per_cpu_s", "peak_rss_gb"):
+            for key in (
+                "s_per_step",
+                "cpu_s_per_step",
+                "wall_rollout_s_per_step",
+                "cpu_rollout_s_per_step",
+                "tokens_per_s",
+                "tokens_per_cpu_s",
+                "peak_rss_gb",
+            ):
                 assert math.isfinite(figures[key]) and figures[key] > 0, (method, side, key, figures[key])
             assert figures["timed_steps"] == 1  # 2 steps, the first one is the untimed warm-up
             assert len(figures["raw"]["steps"]) == 2

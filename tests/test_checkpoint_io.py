@@ -31,8 +31,10 @@ def test_saving_holds_no_in_memory_copy_of_the_checkpoint(tmp_path):
     lightning_peak = python_peak_bytes_of_save(TorchCheckpointIO(), tmp_path / "lightning.ckpt", state)
     assert lightning_peak > size  # the measure sees Lightning's BytesIO (kept: it shows the measure works)
     ours = python_peak_bytes_of_save(StreamingCheckpointIO(), tmp_path / "ours.ckpt", state)
-    print(f"peak Python allocation while saving {size / 1e6:.0f} MB: Lightning {lightning_peak / 1e6:.1f} MB, "
-          f"StreamingCheckpointIO {ours / 1e6:.1f} MB")  # fmt: skip
+    print(
+        f"peak Python allocation while saving {size / 1e6:.0f} MB: Lightning {lightning_peak / 1e6:.1f} MB, "
+        f"StreamingCheckpointIO {ours / 1e6:.1f} MB"
+    )
     assert ours < 0.05 * size
     loaded = StreamingCheckpointIO().load_checkpoint(tmp_path / "ours.ckpt", weights_only=True)
     assert loaded["global_step"] == 3 and torch.equal(loaded["state_dict"]["weight"], weight)

@@ -31,9 +31,18 @@ STAGE_CONFIGS = [REPO / config for config in stage_configs()]
 
 def test_there_is_a_base_config_per_method_grouped_by_project():
     names = {p.relative_to(REPO / "configs").as_posix() for p in STAGE_CONFIGS}
-    assert names == {"rlhf/reward_model.yaml", "rlhf/ppo.yaml", "rlhf/grpo.yaml", "rlhf/rloo.yaml", "rlhf/dpo.yaml",
-                     "tinygpt/pretrain.yaml", "tinygpt/sft.yaml", "tinygpt/rl_lite.yaml",
-                     "dcgan/dcgan.yaml", "dcgan/classifier.yaml"}  # fmt: skip
+    assert names == {
+        "rlhf/reward_model.yaml",
+        "rlhf/ppo.yaml",
+        "rlhf/grpo.yaml",
+        "rlhf/rloo.yaml",
+        "rlhf/dpo.yaml",
+        "tinygpt/pretrain.yaml",
+        "tinygpt/sft.yaml",
+        "tinygpt/rl_lite.yaml",
+        "dcgan/dcgan.yaml",
+        "dcgan/classifier.yaml",
+    }
     assert [p.stem for p in GPU_NODES] == ["ddp_bf16", "fsdp_llama"]
 
 
@@ -99,11 +108,25 @@ def shown_config_stacks() -> list[tuple[str, ...]]:
 def test_every_override_is_shown_or_run_by_the_pipeline():
     shown = {config for stack in shown_config_stacks() for config in stack}
     for setting in pipeline.SETTINGS:
-        namespace = pipeline.argparse.Namespace(root=Path("runs"), setting=setting, model=None, prompt_data="rows",
-                                                preference_data=None, eval_prompts=None, seed=0, stages=[])  # fmt: skip
+        namespace = pipeline.argparse.Namespace(
+            root=Path("runs"),
+            setting=setting,
+            model=None,
+            prompt_data="rows",
+            preference_data=None,
+            eval_prompts=None,
+            seed=0,
+            stages=[],
+        )
         for stage in pipeline.plan(namespace):
-            shown |= {Path(c).relative_to(REPO).as_posix() for c, flag in zip(stage.command[1:], stage.command) if flag == "--config"}
-    overrides = {p.relative_to(REPO).as_posix() for folder in override_folders() for p in (REPO / folder).glob("*.yaml")}
+            shown |= {
+                Path(c).relative_to(REPO).as_posix()
+                for c, flag in zip(stage.command[1:], stage.command)
+                if flag == "--config"
+            }
+    overrides = {
+        p.relative_to(REPO).as_posix() for folder in override_folders() for p in (REPO / folder).glob("*.yaml")
+    }
     assert overrides - shown == set()
 
 
@@ -167,7 +190,9 @@ def test_outputs_are_placed_under_the_run_folder():
             Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(project="p")),
         ],
         callbacks=[
-            Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(dirpath="checkpoints")),
+            Namespace(
+                class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(dirpath="checkpoints")
+            ),
             Namespace(class_path="x.Abs", init_args=Namespace(dirpath="/abs/elsewhere")),
         ],
     )
@@ -178,7 +203,9 @@ def test_outputs_are_placed_under_the_run_folder():
     assert trainer.callbacks[1].init_args.dirpath == "/abs/elsewhere"
 
 
-GPU_NODES = sorted(p for p in (REPO / "configs" / "scale").glob("*.yaml") if "strategy" in yaml.safe_load(p.read_text())["trainer"])
+GPU_NODES = sorted(
+    p for p in (REPO / "configs" / "scale").glob("*.yaml") if "strategy" in yaml.safe_load(p.read_text())["trainer"]
+)
 
 
 @pytest.mark.parametrize("scale", GPU_NODES, ids=lambda p: p.stem)
@@ -191,7 +218,9 @@ def test_scale_overrides_stack_on_a_stage_and_build_their_strategy(scale, capsys
     from lightning.pytorch.strategies import StrategyRegistry
 
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs/rlhf/reward_model.yaml"), "--config", str(scale), "--print_config"])
+        main(
+            ["fit", "--config", str(REPO / "configs/rlhf/reward_model.yaml"), "--config", str(scale), "--print_config"]
+        )
     assert "precision: bf16-mixed" in capsys.readouterr().out
     strategy = yaml.safe_load(scale.read_text())["trainer"]["strategy"]
     if isinstance(strategy, str):
@@ -211,8 +240,10 @@ def test_scale_overrides_stack_on_a_stage_and_build_their_strategy(scale, capsys
 
 def test_wandb_mode_online_in_the_environment_takes_the_wandb_logger_online(monkeypatch):
     """The configs say `offline: true`, which makes Lightning force W&B's offline mode whatever WANDB_MODE says."""
-    trainer = Namespace(default_root_dir="runs/x", logger=[
-        Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(offline=True))])
+    trainer = Namespace(
+        default_root_dir="runs/x",
+        logger=[Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(offline=True))],
+    )
     monkeypatch.delenv("WANDB_MODE", raising=False)
     place_outputs_under_root(trainer)
     assert trainer.logger[0].init_args.offline is True
@@ -228,15 +259,31 @@ def test_wandb_mode_online_in_the_environment_takes_the_wandb_logger_online(monk
 
 def test_placing_outputs_twice_changes_nothing():
     """A saved config.yaml run again (its paths already under the root) is not nested a second time."""
-    trainer = Namespace(default_root_dir="runs/x", logger=[
-        Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(save_dir=None, project="p"))])
+    trainer = Namespace(
+        default_root_dir="runs/x",
+        logger=[
+            Namespace(
+                class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(save_dir=None, project="p")
+            )
+        ],
+    )
     place_outputs_under_root(trainer)
     place_outputs_under_root(trainer)
     assert trainer.logger[0].init_args.save_dir == "runs/x"
 
 
-TINY_RUN = ["--data.path", "builtin:pydoc-topics", "--data.train_chars", "4000", "--data.val_chars", "1000",
-            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+TINY_RUN = [
+    "--data.path",
+    "builtin:pydoc-topics",
+    "--data.train_chars",
+    "4000",
+    "--data.val_chars",
+    "1000",
+    "--trainer.max_steps",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.mark.parametrize("absolute", [False, True], ids=["relative_root", "absolute_root"])
@@ -265,9 +312,24 @@ def test_a_command_from_another_folder_shows_progress_lines_and_no_library_noise
     read from the repository. stdout is a pipe here (as under nohup or CI): progress comes as lines.
     The litlogger tip, the pytree/set_vital deprecations and W&B's 'anonymous' warning are gone."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, "-m", "lit_rlhf", "fit", "--config", "configs/tinygpt/pretrain.yaml",
-                             *TINY_RUN, "--trainer.default_root_dir", "runs/tiny"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lit_rlhf",
+            "fit",
+            "--config",
+            "configs/tinygpt/pretrain.yaml",
+            *TINY_RUN,
+            "--trainer.default_root_dir",
+            "runs/tiny",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[lit_rlhf] step 1/2 | " in result.stdout and "train/loss" in result.stdout
     assert "[lit_rlhf] training done: step 2" in result.stdout
@@ -286,8 +348,15 @@ class ScoredModel(BoringModel):
 
 
 def fit_boring(tmp_path, callback, **trainer_args):
-    trainer = Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, limit_val_batches=0, **trainer_args)  # fmt: skip
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_args,
+    )
     trainer.fit(ScoredModel())
     return trainer
 
@@ -318,8 +387,11 @@ def test_the_progress_bar_counts_steps_when_max_steps_ends_the_run(tmp_path):
 
 def test_configs_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    for args in (["--config", "configs/rlhf/ppo.yaml"], ["--config", "rlhf/ppo.yaml"],
-                 ["--config=configs/rlhf/ppo.yaml", "-c", "configs/cpu/ppo.yaml"]):
+    for args in (
+        ["--config", "configs/rlhf/ppo.yaml"],
+        ["--config", "rlhf/ppo.yaml"],
+        ["--config=configs/rlhf/ppo.yaml", "-c", "configs/cpu/ppo.yaml"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", *args, "--print_config"])
         assert exit_info.value.code in (0, None)
@@ -336,9 +408,16 @@ def test_configs_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
 def test_the_pipeline_commands_parse_from_another_folder(tmp_path, monkeypatch, capsys):
     """Every stage command the pipeline runs resolves its configs when started outside the repository."""
     monkeypatch.chdir(tmp_path)
-    namespace = pipeline.argparse.Namespace(root=Path("runs/rlhf"), setting="quickstart", model=None, prompt_data=None,
-                                            preference_data=None, eval_prompts=None, seed=0,
-                                            stages=list(pipeline.STAGES))  # fmt: skip
+    namespace = pipeline.argparse.Namespace(
+        root=Path("runs/rlhf"),
+        setting="quickstart",
+        model=None,
+        prompt_data=None,
+        preference_data=None,
+        eval_prompts=None,
+        seed=0,
+        stages=list(pipeline.STAGES),
+    )
     for stage in pipeline.plan(namespace):
         module, *args = stage.command
         if module in ("lit_rlhf", "lit_rlhf.evaluate"):
@@ -371,10 +450,17 @@ def fake_evaluation(folder: Path) -> Path:
     """What the notebook reads from an evaluation folder."""
     folder.mkdir(parents=True)
     interval = {"mean": 0.1, "low": 0.0, "high": 0.2}
-    summary = {"Pretrained": {"mean_reward": interval, "mean_length": 10.0, "repetition": 0.0},
-               "PPO (LoRA)": {"mean_reward": interval, "reward_gain": interval, "win_rate": 0.5, "mean_length": 12.0,
-                              "repetition": 0.01},
-               "readings": ["PPO (LoRA): inside the band."]}  # fmt: skip
+    summary = {
+        "Pretrained": {"mean_reward": interval, "mean_length": 10.0, "repetition": 0.0},
+        "PPO (LoRA)": {
+            "mean_reward": interval,
+            "reward_gain": interval,
+            "win_rate": 0.5,
+            "mean_length": 12.0,
+            "repetition": 0.01,
+        },
+        "readings": ["PPO (LoRA): inside the band."],
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "rewards.csv").write_text("model,prompt_id,training_reward\nPretrained,0,0.1\nPPO (LoRA),0,0.2\n")
     import matplotlib
@@ -396,8 +482,9 @@ def test_the_notebook_opens_the_folder_given_by_the_environment(tmp_path, monkey
     monkeypatch.setenv("PWD", str(tmp_path))
     notebook = nbformat.read(REPO / "notebooks" / "rlhf_report.ipynb", as_version=4)
     assert "LIT_RLHF_EVAL_DIR=runs/rlhf/evaluation jupyter execute" in notebook.cells[0].source
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()  # fmt: skip
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
     outputs = "".join(str(o) for cell in notebook.cells for o in cell.get("outputs", []))
     assert f"Evaluation folder: {tmp_path / 'runs/rlhf/evaluation'}" in outputs and "PPO (LoRA)" in outputs
     monkeypatch.setenv("LIT_RLHF_EVAL_DIR", str(tmp_path / "nowhere"))

@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from ppo_fixtures import make_parity_policy, make_parity_reward_model
 from preference_fixtures import separable_pairs, write_jsonl
 
@@ -29,14 +28,25 @@ pytestmark = pytest.mark.slow
 def run_cli(*args: str, timeout: int = 600) -> None:
     """`python -m lit_rlhf ...` in a fresh process (DDP relaunches it once per extra rank)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "lit_rlhf", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_rlhf", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 def ddp(devices: int) -> list[str]:
-    return ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", str(devices),
-            "--trainer.logger", CSV_ONLY, "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    return [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.logger",
+        CSV_ONLY,
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def metrics(root: Path) -> pd.DataFrame:
@@ -62,15 +72,38 @@ def assert_same_training(one: Path, two: Path, column: str = "train/loss", atol:
 
 
 def test_tinygpt_two_ranks_match_one_rank_with_the_global_batch(tmp_path):
-    common = ["fit", "--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
-              "--data.train_chars", "20000", "--data.val_chars", "4000", "--data.block_size", "32",
-              "--model.init_args.block_size", "32", "--model.init_args.n_embd", "32", "--trainer.max_steps", "12",
-              "--trainer.val_check_interval", "12", "--trainer.limit_val_batches", "2",
-              "--trainer.log_every_n_steps", "2"]  # fmt: skip
+    common = [
+        "fit",
+        "--config",
+        "configs/tinygpt/pretrain.yaml",
+        "--data.path",
+        "builtin:pydoc-topics",
+        "--data.train_chars",
+        "20000",
+        "--data.val_chars",
+        "4000",
+        "--data.block_size",
+        "32",
+        "--model.init_args.block_size",
+        "32",
+        "--model.init_args.n_embd",
+        "32",
+        "--trainer.max_steps",
+        "12",
+        "--trainer.val_check_interval",
+        "12",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "2",
+    ]
     run_cli(*common, *ddp(1), "--data.batch_size", "16", "--trainer.default_root_dir", str(tmp_path / "one"))
     run_cli(*common, *ddp(2), "--data.batch_size", "8", "--trainer.default_root_dir", str(tmp_path / "two"))
     assert_same_training(tmp_path / "one", tmp_path / "two")
-    assert metrics(tmp_path / "one")["train/loss"].dropna().iloc[-1] < metrics(tmp_path / "one")["train/loss"].dropna().iloc[0]
+    assert (
+        metrics(tmp_path / "one")["train/loss"].dropna().iloc[-1]
+        < metrics(tmp_path / "one")["train/loss"].dropna().iloc[0]
+    )
 
 
 def test_reward_model_two_ranks_match_one_rank_with_the_global_batch(tmp_path, tiny_llama_dir):
@@ -79,11 +112,27 @@ def test_reward_model_two_ranks_match_one_rank_with_the_global_batch(tmp_path, t
     pairs = separable_pairs(48)
     write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs[:32])
     write_jsonl(tmp_path / "pairs" / "validation.jsonl", pairs[32:])
-    common = ["fit", "--config", "configs/rlhf/reward_model.yaml", "--data.path", str(tmp_path / "pairs"),
-              "--data.max_length", "64", "--data.min_prompt_tokens", "16", "--model.model_name_or_path",
-              str(tiny_llama_dir), "--model.optimizer", SGD, "--trainer.max_epochs", "2",
-              "--trainer.limit_train_batches", "3",  # full global batches only
-              "--trainer.log_every_n_steps", "1"]  # fmt: skip
+    common = [
+        "fit",
+        "--config",
+        "configs/rlhf/reward_model.yaml",
+        "--data.path",
+        str(tmp_path / "pairs"),
+        "--data.max_length",
+        "64",
+        "--data.min_prompt_tokens",
+        "16",
+        "--model.model_name_or_path",
+        str(tiny_llama_dir),
+        "--model.optimizer",
+        SGD,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",  # full global batches only
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
     run_cli(*common, *ddp(1), "--data.batch_size", "8", "--trainer.default_root_dir", str(tmp_path / "one"))
     run_cli(*common, *ddp(2), "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "two"))
     assert_same_training(tmp_path / "one", tmp_path / "two")
@@ -98,14 +147,39 @@ def test_ppo_two_ranks_share_kl_coef_and_save_once(tmp_path, smol_tokenizer_dir,
     reward = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
     root = tmp_path / "run"
     run_cli(
-        "fit", "--config", "configs/rlhf/ppo.yaml", *ddp(2), "--trainer.default_root_dir", str(root),
-        "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
-        "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
-        "--model.ppo_epochs", "2", "--model.kl_horizon_fraction", "0.5", "--data.path", str(data_root / "oasst1"),
-        "--data.num_train_prompts", "32",
-        "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48", "--data.batch_size", "8",
-        "--trainer.max_epochs", "1",
-    )  # fmt: skip
+        "fit",
+        "--config",
+        "configs/rlhf/ppo.yaml",
+        *ddp(2),
+        "--trainer.default_root_dir",
+        str(root),
+        "--model.model_name_or_path",
+        str(policy),
+        "--model.reward_model_path",
+        str(reward),
+        "--model.forward_batch_size",
+        "8",
+        "--model.max_new_tokens",
+        "8",
+        "--model.temperature",
+        "1.0",
+        "--model.ppo_epochs",
+        "2",
+        "--model.kl_horizon_fraction",
+        "0.5",
+        "--data.path",
+        str(data_root / "oasst1"),
+        "--data.num_train_prompts",
+        "32",
+        "--data.num_eval_prompts",
+        "8",
+        "--data.max_prompt_length",
+        "48",
+        "--data.batch_size",
+        "8",
+        "--trainer.max_epochs",
+        "1",
+    )
     df = metrics(root)
     assert len(df) == 2  # 32 prompts / (2 ranks x 8)
     kl, coef = df["objective/kl_per_token"].tolist(), df["kl_coef"].tolist()
@@ -137,13 +211,44 @@ def test_ppo_nan_score_on_one_rank_stops_every_rank(tmp_path, smol_tokenizer_dir
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, str(script), "fit", "--config", "configs/rlhf/ppo.yaml", *ddp(2),
-         "--trainer.default_root_dir", str(tmp_path / "run"), "--model.model_name_or_path", str(policy),
-         "--model.reward_model_path", str(reward), "--model.forward_batch_size", "8", "--model.max_new_tokens", "4",
-         "--model.ppo_epochs", "1", "--data.path", str(data_root / "oasst1"), "--data.num_train_prompts", "16", "--data.num_eval_prompts", "8", "--data.max_prompt_length",
-         "48", "--data.batch_size", "8", "--trainer.max_epochs", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            "fit",
+            "--config",
+            "configs/rlhf/ppo.yaml",
+            *ddp(2),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--model.model_name_or_path",
+            str(policy),
+            "--model.reward_model_path",
+            str(reward),
+            "--model.forward_batch_size",
+            "8",
+            "--model.max_new_tokens",
+            "4",
+            "--model.ppo_epochs",
+            "1",
+            "--data.path",
+            str(data_root / "oasst1"),
+            "--data.num_train_prompts",
+            "16",
+            "--data.num_eval_prompts",
+            "8",
+            "--data.max_prompt_length",
+            "48",
+            "--data.batch_size",
+            "8",
+            "--trainer.max_epochs",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "non-finite scores" in result.stderr
     assert not (tmp_path / "run" / "policy").exists()
@@ -156,12 +261,34 @@ def test_dcgan_two_ranks(tmp_path):
 
     write_tiny_medmnist(tmp_path / "data", "dermamnist", n_train=64)
     root = tmp_path / "two"
-    run_cli("fit", "--config", "configs/dcgan/dcgan.yaml", *ddp(2), "--data.root", str(tmp_path / "data"),
-            "--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-            "--trainer.strategy", "ddp_find_unused_parameters_true",
-            "--model.latent_dim", "16", "--model.ngf", "8", "--model.ndf", "8",
-            "--model.sample_every_n_epochs", "1", "--model.plot_first_epochs", "1",
-            "--trainer.default_root_dir", str(root))  # fmt: skip
+    run_cli(
+        "fit",
+        "--config",
+        "configs/dcgan/dcgan.yaml",
+        *ddp(2),
+        "--data.root",
+        str(tmp_path / "data"),
+        "--data.batch_size",
+        "8",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--model.latent_dim",
+        "16",
+        "--model.ngf",
+        "8",
+        "--model.ndf",
+        "8",
+        "--model.sample_every_n_epochs",
+        "1",
+        "--model.plot_first_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+    )
     df = metrics(root)
     assert df["train/loss_d"].notna().sum() == 8  # 64 images / (2 ranks x 8) per epoch, 2 epochs
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0

@@ -34,9 +34,16 @@ def test_the_packaged_sample_is_cut_into_disjoint_trees(splits):
 
 def args(tmp_path: Path, *extra: str):
     parser_args = ["--root", str(tmp_path), "--setting", "quickstart", *extra]
-    namespace = pipeline.argparse.Namespace(root=tmp_path, setting="quickstart", model=None, prompt_data=None,
-                                            preference_data=None, eval_prompts=None, seed=0,
-                                            stages=list(pipeline.DEFAULT_STAGES))  # fmt: skip
+    namespace = pipeline.argparse.Namespace(
+        root=tmp_path,
+        setting="quickstart",
+        model=None,
+        prompt_data=None,
+        preference_data=None,
+        eval_prompts=None,
+        seed=0,
+        stages=list(pipeline.DEFAULT_STAGES),
+    )
     return parser_args, namespace
 
 
@@ -48,9 +55,19 @@ def test_stages_feed_each_other_by_path_and_stack_the_setting_overrides(tmp_path
     assert str(tmp_path / "pairs" / "prompt_rows.jsonl") in stages["ppo_lora"].command
     assert str(tmp_path / "pairs" / "judge") in stages["judge_reward_model"].command
     command = stages["ppo_lora"].command
-    configs = [Path(command[i + 1]).relative_to(pipeline.CONFIGS).as_posix() for i, arg in enumerate(command) if arg == "--config"]
-    assert configs == ["rlhf/ppo.yaml", "cpu/ppo.yaml", "quickstart/ppo.yaml",
-                       "lora/ppo.yaml", "cpu/ppo_lora.yaml", "quickstart/ppo_lora.yaml"]  # fmt: skip
+    configs = [
+        Path(command[i + 1]).relative_to(pipeline.CONFIGS).as_posix()
+        for i, arg in enumerate(command)
+        if arg == "--config"
+    ]
+    assert configs == [
+        "rlhf/ppo.yaml",
+        "cpu/ppo.yaml",
+        "quickstart/ppo.yaml",
+        "lora/ppo.yaml",
+        "cpu/ppo_lora.yaml",
+        "quickstart/ppo_lora.yaml",
+    ]
     policies = json.loads(stages["evaluation"].command[stages["evaluation"].command.index("--policies") + 1])
     assert policies == {"PPO (full)": str(tmp_path / "ppo_full"), "PPO (LoRA)": str(tmp_path / "ppo_lora")}
 
@@ -88,9 +105,11 @@ def test_a_stage_is_skipped_only_when_done_with_the_same_command(tmp_path, capsy
 
 
 def test_unknown_stage_or_missing_inputs_name_what_to_run_first(tmp_path, capsys):
-    for stages, expected in (("ppo_full,sft", "Unknown stage(s) ['sft']"),
-                             ("ppo_lora", "needs the output of pairs, reward_model"),
-                             ("evaluation", "--stages pairs,reward_model,judge_reward_model,evaluation")):  # fmt: skip
+    for stages, expected in (
+        ("ppo_full,sft", "Unknown stage(s) ['sft']"),
+        ("ppo_lora", "needs the output of pairs, reward_model"),
+        ("evaluation", "--stages pairs,reward_model,judge_reward_model,evaluation"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             pipeline.main(["--root", str(tmp_path), "--setting", "quickstart", "--stages", stages])
         assert exit_info.value.code == 2

@@ -10,35 +10,72 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import config_args
 import torch
+from helpers import config_args
+from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 from lit_rlhf.checkpoint_io import StreamingCheckpointIO
 from lit_rlhf.cli import LitRLHFCLI
-from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_ONLY = '[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}}]'
 
 
 def every_n_steps(n: int) -> str:
-    return ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "checkpoints", '
-            f'"save_last": true, "save_top_k": 0, "every_n_train_steps": {n}}}}}]')  # fmt: skip
+    return (
+        '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "checkpoints", '
+        f'"save_last": true, "save_top_k": 0, "every_n_train_steps": {n}}}}}]'
+    )
 
 
 def tinygpt_args(root: Path, steps: int) -> list[str]:
-    return ["fit", "--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics",
-            "--data.train_chars", "30000", "--data.val_chars", "4000", "--data.block_size", "32",
-            "--model.init_args.block_size", "32", "--model.init_args.n_embd", "32", "--model.init_args.dropout", "0.1",
-            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000", "--trainer.limit_val_batches", "2",
-            "--trainer.log_every_n_steps", "1", "--trainer.logger", CSV_ONLY, "--trainer.callbacks", every_n_steps(5),
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        "configs/tinygpt/pretrain.yaml",
+        "--data.path",
+        "builtin:pydoc-topics",
+        "--data.train_chars",
+        "30000",
+        "--data.val_chars",
+        "4000",
+        "--data.block_size",
+        "32",
+        "--model.init_args.block_size",
+        "32",
+        "--model.init_args.n_embd",
+        "32",
+        "--model.init_args.dropout",
+        "0.1",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "1000",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger",
+        CSV_ONLY,
+        "--trainer.callbacks",
+        every_n_steps(5),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+    ]
 
 
 def cli(args: list[str], *paths: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, [REPO, *paths]))}
-    return subprocess.Popen([sys.executable, "-m", "lit_rlhf", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "lit_rlhf", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -96,21 +133,53 @@ ONLINE_METHODS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(ONLINE_METHODS))
-def test_online_rl_resume_continues_kl_controller_rollouts_and_data_order(method, tmp_path, smol_tokenizer_dir, data_root):
+def test_online_rl_resume_continues_kl_controller_rollouts_and_data_order(
+    method, tmp_path, smol_tokenizer_dir, data_root
+):
     policy = make_parity_policy(tmp_path / "policy", smol_tokenizer_dir)
     reward = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
     options, steps_per_iteration, loss_column = ONLINE_METHODS[method]
 
     def args(root: Path, callbacks: str = every_n_steps(1)) -> list[str]:
-        return ["fit", *config_args(method), "--trainer.default_root_dir", str(root),
-                "--trainer.logger", CSV_ONLY, "--trainer.callbacks", callbacks,
-                "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(4 * steps_per_iteration),
-                "--model.model_name_or_path", str(policy), "--model.reward_model_path", str(reward),
-                "--model.forward_batch_size", "8", "--model.max_new_tokens", "8", "--model.temperature", "1.0",
-                "--model.kl_target", "0.05", "--model.kl_horizon_fraction", "0.5", *options,
-                "--data.path", str(data_root / "oasst1"), 
-                "--data.num_train_prompts", "24", "--data.num_eval_prompts", "8", "--data.max_prompt_length", "48",
-                "--data.batch_size", "8"]  # fmt: skip
+        return [
+            "fit",
+            *config_args(method),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger",
+            CSV_ONLY,
+            "--trainer.callbacks",
+            callbacks,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.max_steps",
+            str(4 * steps_per_iteration),
+            "--model.model_name_or_path",
+            str(policy),
+            "--model.reward_model_path",
+            str(reward),
+            "--model.forward_batch_size",
+            "8",
+            "--model.max_new_tokens",
+            "8",
+            "--model.temperature",
+            "1.0",
+            "--model.kl_target",
+            "0.05",
+            "--model.kl_horizon_fraction",
+            "0.5",
+            *options,
+            "--data.path",
+            str(data_root / "oasst1"),
+            "--data.num_train_prompts",
+            "24",
+            "--data.num_eval_prompts",
+            "8",
+            "--data.max_prompt_length",
+            "48",
+            "--data.batch_size",
+            "8",
+        ]
 
     # a crash at the start of the third iteration (same run settings: the KL horizon is relative to the run)
     (tmp_path / "crash_callback.py").write_text(
@@ -134,8 +203,13 @@ def test_online_rl_resume_continues_kl_controller_rollouts_and_data_order(method
     straight, resumed = series(tmp_path / "straight"), series(tmp_path / "resumed")
     assert straight.index.tolist() == resumed.index.tolist() and len(straight) == 4
     for column in ("kl_coef", "objective/scores", "objective/kl_per_token", loss_column):
-        torch.testing.assert_close(torch.tensor(resumed[column].to_numpy()), torch.tensor(straight[column].to_numpy()),
-                                   atol=1e-4, rtol=1e-3, msg=column)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(resumed[column].to_numpy()),
+            torch.tensor(straight[column].to_numpy()),
+            atol=1e-4,
+            rtol=1e-3,
+            msg=column,
+        )
 
 
 def test_interrupted_save_leaves_the_previous_last_ckpt_intact(tmp_path, monkeypatch):

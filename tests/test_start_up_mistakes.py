@@ -2,7 +2,6 @@
 run folder, a metrics version or a W&B run is created, and without exporting an untrained model."""
 
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +10,20 @@ import torch
 from lit_rlhf import callbacks
 from lit_rlhf.cli import main
 
-TINY = ["--config", "configs/tinygpt/pretrain.yaml", "--data.path", "builtin:pydoc-topics", "--data.train_chars",
-        "4000", "--data.val_chars", "1000", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+TINY = [
+    "--config",
+    "configs/tinygpt/pretrain.yaml",
+    "--data.path",
+    "builtin:pydoc-topics",
+    "--data.train_chars",
+    "4000",
+    "--data.val_chars",
+    "1000",
+    "--trainer.max_steps",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +49,9 @@ def refused(capsys, args: list[str]) -> str:
 def test_a_checkpoint_file_that_does_not_exist_leaves_no_run_behind(tmp_path, capsys):
     """Before: a 40-line FileNotFoundError after csv/version_N and an offline W&B run were created."""
     root = tmp_path / "run"
-    message = refused(capsys, ["fit", *TINY, "--trainer.default_root_dir", str(root),
-                               "--ckpt_path", str(tmp_path / "nothere.ckpt")])  # fmt: skip
+    message = refused(
+        capsys, ["fit", *TINY, "--trainer.default_root_dir", str(root), "--ckpt_path", str(tmp_path / "nothere.ckpt")]
+    )
     assert "--ckpt_path" in message and "does not exist" in message and "--ckpt_path last" in message
     assert not root.exists()
 
@@ -48,14 +60,22 @@ def test_a_data_path_that_does_not_exist_leaves_no_csv_version_and_no_wandb_run(
     """The data module finds it in `setup`, after Lightning created the loggers' folders: they are removed."""
     root = tmp_path / "run"
     (root / "notes").mkdir(parents=True)  # what the user had there stays
-    message = refused(capsys, ["fit", *TINY, "--data.path", str(tmp_path / "no_wiki"),
-                               "--trainer.default_root_dir", str(root)])  # fmt: skip
+    message = refused(
+        capsys, ["fit", *TINY, "--data.path", str(tmp_path / "no_wiki"), "--trainer.default_root_dir", str(root)]
+    )
     assert "no_wiki" in message and "does not exist" in message
     assert sorted(p.name for p in root.iterdir()) == ["notes"]
 
 
-@pytest.mark.parametrize("option", [["--trainer.max_steps", "0"], ["--trainer.max_epochs", "0", "--trainer.max_steps", "-1"],
-                                    ["--trainer.limit_train_batches", "0"]], ids=["max_steps", "max_epochs", "no_batches"])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--trainer.max_steps", "0"],
+        ["--trainer.max_epochs", "0", "--trainer.max_steps", "-1"],
+        ["--trainer.limit_train_batches", "0"],
+    ],
+    ids=["max_steps", "max_epochs", "no_batches"],
+)
 def test_a_run_that_would_train_nothing_is_refused(option, tmp_path, capsys):
     """Before: --trainer.max_steps 0 made the reward model export an untrained random head that PPO accepted."""
     root = tmp_path / "run"
@@ -67,32 +87,63 @@ def test_a_run_that_would_train_nothing_is_refused(option, tmp_path, capsys):
 @pytest.mark.parametrize("export", [callbacks.ExportPolicy(), callbacks.ExportBest(monitor="val/loss")])
 def test_nothing_is_exported_from_a_run_that_took_no_step(export, capsys):
     """A run whose data gave no training batch ends without writing a policy or reward model."""
-    module = SimpleNamespace(export_run=lambda best: pytest.fail("exported an untrained model"),
-                             hparams=SimpleNamespace(lora=None))  # fmt: skip
-    trainer = SimpleNamespace(global_step=0, is_global_zero=True, checkpoint_callbacks=[],
-                              strategy=SimpleNamespace(barrier=lambda: None))  # fmt: skip
+    module = SimpleNamespace(
+        export_run=lambda best: pytest.fail("exported an untrained model"), hparams=SimpleNamespace(lora=None)
+    )
+    trainer = SimpleNamespace(
+        global_step=0, is_global_zero=True, checkpoint_callbacks=[], strategy=SimpleNamespace(barrier=lambda: None)
+    )
     export.on_fit_end(trainer, module)
     assert "nothing exported" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "16"])
 def test_fp16_on_a_cpu_is_refused_not_silently_bf16(precision, tmp_path, capsys):
-    message = refused(capsys, ["fit", *TINY, "--trainer.accelerator", "cpu", "--trainer.precision", precision,
-                               "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    message = refused(
+        capsys,
+        [
+            "fit",
+            *TINY,
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            precision,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert f"--trainer.precision {precision}" in message and "32-true" in message and "bf16" in message
     assert not (tmp_path / "run").exists()
 
 
 def test_more_cpu_processes_than_cores_are_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    message = refused(capsys, ["fit", *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "4",
-                               "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    message = refused(
+        capsys,
+        [
+            "fit",
+            *TINY,
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "4",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert "--trainer.devices 4" in message and "2 cores" in message and "--trainer.devices 1" in message
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("config, where", [("configs/rlhf/dpo.yaml", "--model.optimizer.init_args.lr"),
-                                           ("configs/rlhf/ppo.yaml", "--model.policy_optimizer.init_args.lr")])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, where",
+    [
+        ("configs/rlhf/dpo.yaml", "--model.optimizer.init_args.lr"),
+        ("configs/rlhf/ppo.yaml", "--model.policy_optimizer.init_args.lr"),
+    ],
+)
 def test_model_lr_says_where_the_learning_rate_lives(config, where, capsys):
     message = refused(capsys, ["fit", "--config", config, "--model.lr", "3e-4"])
     assert "has no option 'lr'" in message and where in message

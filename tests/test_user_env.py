@@ -13,8 +13,18 @@ import pytest
 from lit_rlhf.models.hf import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--data.path", "builtin:pydoc-topics", "--data.train_chars", "4000", "--data.val_chars", "1000",
-            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+TINY_RUN = [
+    "--data.path",
+    "builtin:pydoc-topics",
+    "--data.train_chars",
+    "4000",
+    "--data.val_chars",
+    "1000",
+    "--trainer.max_steps",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def user_env(home: Path, **extra: str) -> dict:
@@ -26,8 +36,9 @@ def user_env(home: Path, **extra: str) -> dict:
 
 
 def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *command], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def offline_runs(folder: Path) -> list[Path]:
@@ -38,8 +49,19 @@ def offline_runs(folder: Path) -> list[Path]:
 def test_fit_runs_offline_with_no_wandb_account_and_no_variables(tmp_path):
     """Before: `wandb.errors.UsageError: No API key configured` at the first logged step (wandb 0.31
     reads Lightning's WANDB_MODE=dryrun as online)."""
-    result = run(["lit_rlhf", "fit", "--config", "configs/tinygpt/pretrain.yaml", *TINY_RUN,
-                  "--trainer.default_root_dir", "runs/tiny"], tmp_path, user_env(tmp_path / "home"))  # fmt: skip
+    result = run(
+        [
+            "lit_rlhf",
+            "fit",
+            "--config",
+            "configs/tinygpt/pretrain.yaml",
+            *TINY_RUN,
+            "--trainer.default_root_dir",
+            "runs/tiny",
+        ],
+        tmp_path,
+        user_env(tmp_path / "home"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert offline_runs(tmp_path / "runs/tiny")
     assert not (tmp_path / "home" / ".netrc").exists()
@@ -49,8 +71,21 @@ def test_fit_runs_offline_with_no_wandb_account_and_no_variables(tmp_path):
 def test_the_pipeline_runs_offline_with_no_wandb_account_and_no_variables(tmp_path, tiny_llama_dir):
     """The quickstart's first stages as `make quickstart` runs them (a tiny model keeps it short)."""
     root = tmp_path / "runs" / "quickstart"
-    result = run(["lit_rlhf.pipeline", "--setting", "quickstart", "--root", str(root), "--model", str(tiny_llama_dir),
-                  "--stages", "pairs,reward_model"], tmp_path, user_env(tmp_path / "home"))  # fmt: skip
+    result = run(
+        [
+            "lit_rlhf.pipeline",
+            "--setting",
+            "quickstart",
+            "--root",
+            str(root),
+            "--model",
+            str(tiny_llama_dir),
+            "--stages",
+            "pairs,reward_model",
+        ],
+        tmp_path,
+        user_env(tmp_path / "home"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (root / "reward_model" / "reward_model" / "config.json").exists()
     assert offline_runs(root / "reward_model")
@@ -60,8 +95,19 @@ def test_the_pipeline_runs_offline_with_no_wandb_account_and_no_variables(tmp_pa
 def test_wandb_mode_online_still_asks_for_the_account(tmp_path):
     """WANDB_MODE=online is the user's choice over the configs' offline: true: with no key, W&B says so."""
     env = user_env(tmp_path / "home", WANDB_MODE="online", WANDB_INIT_TIMEOUT="30")
-    result = run(["lit_rlhf", "fit", "--config", "configs/tinygpt/pretrain.yaml", *TINY_RUN,
-                  "--trainer.default_root_dir", "runs/tiny"], tmp_path, env)  # fmt: skip
+    result = run(
+        [
+            "lit_rlhf",
+            "fit",
+            "--config",
+            "configs/tinygpt/pretrain.yaml",
+            *TINY_RUN,
+            "--trainer.default_root_dir",
+            "runs/tiny",
+        ],
+        tmp_path,
+        env,
+    )
     assert result.returncode != 0
     assert "API key" in result.stderr or "wandb login" in result.stderr, result.stderr[-2000:]
     assert not offline_runs(tmp_path / "runs/tiny")

@@ -43,7 +43,8 @@ def local_table_files(path: str, what: str) -> tuple[str, list[Path]]:
     formats = {table_format(f) for f in files}
     if not files or None in formats or len(formats) > 1:
         raise UserInputError(
-            f"{what} '{path}' must be a .json/.jsonl (optionally .gz) or .parquet file or a folder of such files in one "
+            f"{what} '{path}' must be a .json/.jsonl (optionally .gz) or .parquet file or a folder of such files "
+            "in one "
             f"format; found {[f.name for f in files][:5] or 'no such file'}."
         )
     return formats.pop(), files
@@ -141,7 +142,7 @@ def _json_problem(file: Path) -> str | None:
         except json.JSONDecodeError as error:
             return f" at line {number} ({error.msg}: each line must be one complete JSON object)"
         if not isinstance(row, dict):
-            return f" at line {number} (a {type(row).__name__}, not a JSON object {{\"column\": value, ...}})"
+            return f' at line {number} (a {type(row).__name__}, not a JSON object {{"column": value, ...}})'
     return None
 
 

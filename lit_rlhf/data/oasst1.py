@@ -30,8 +30,11 @@ def read_oasst1_rows(path: str = OASST1_HUB_ID) -> list[dict]:
         for file in files:
             rows += _checked_rows(read_local_tables(str(file), what)["train"], str(file))
         return rows
-    splits = load_hub_dataset(path, "Pass a local copy of the message rows (.jsonl/.parquet), e.g. "
-                              "$LIT_RLHF_DATA/oasst1/oasst1_validation_en.jsonl.")  # fmt: skip
+    splits = load_hub_dataset(
+        path,
+        "Pass a local copy of the message rows (.jsonl/.parquet), e.g. "
+        "$LIT_RLHF_DATA/oasst1/oasst1_validation_en.jsonl.",
+    )
     return _checked_rows(concatenate_datasets(list(splits.values())), path)
 
 
@@ -100,4 +103,3 @@ def oasst1_preference_pairs(rows: list[dict], stats: Counter | None = None) -> l
                 )
     stats["pairs"] += len(pairs)
     return pairs
-

@@ -17,7 +17,6 @@ from lit_rlhf.models.hf import DEFAULT_MODEL, load_tokenizer
 from lit_rlhf.text import chat_prompt_ids, require_system_prompt_renders
 
 
-
 def split_prompts(
     rows: list[dict],
     lang: str | None,
@@ -147,8 +146,9 @@ class OASST1PromptDataModule(LightningDataModule):
         require_system_prompt_renders(tokenizer, hp.system_prompt)
         truncated = 0
         for prompt in tqdm(train, desc="tokenizing prompts", leave=False):
-            prompt["input_ids"], kept = chat_prompt_ids(tokenizer, prompt["prompt"], hp.max_prompt_length,
-                                                        hp.system_prompt)  # fmt: skip
+            prompt["input_ids"], kept = chat_prompt_ids(
+                tokenizer, prompt["prompt"], hp.max_prompt_length, hp.system_prompt
+            )
             truncated += kept != prompt["prompt"]
             prompt["prompt"] = kept
         kind = "root prompts and follow-ups with their conversation" if hp.follow_ups else "root prompts only"

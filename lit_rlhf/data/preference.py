@@ -31,16 +31,34 @@ from lit_rlhf.text import encode_prompt_responses, pad_sequences
 
 SHP_HUB_ID = "stanfordnlp/SHP"
 SHP_FIELDS = (
-    "post_id", "domain", "upvote_ratio", "history", "c_root_id_A", "c_root_id_B", "created_at_utc_A",
-    "created_at_utc_B", "score_A", "score_B", "human_ref_A", "human_ref_B", "labels",
-    "seconds_difference", "score_ratio",
-)  # fmt: skip
+    "post_id",
+    "domain",
+    "upvote_ratio",
+    "history",
+    "c_root_id_A",
+    "c_root_id_B",
+    "created_at_utc_A",
+    "created_at_utc_B",
+    "score_A",
+    "score_B",
+    "human_ref_A",
+    "human_ref_B",
+    "labels",
+    "seconds_difference",
+    "score_ratio",
+)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SPLITS = ("train", "validation", "test")
 PREVIEW_COLUMNS = ["input_chosen", "input_rejected"]
 _SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|valid|validation|val|dev|test)(?:[_\-.]|$)")
-_SPLIT_NAMES = {"train": "train", "valid": "validation", "validation": "validation", "val": "validation",
-                "dev": "validation", "test": "test"}  # fmt: skip
+_SPLIT_NAMES = {
+    "train": "train",
+    "valid": "validation",
+    "validation": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +77,13 @@ def read_preference_source(path: str):
     files without one form the `train` pool, which is split by `post_id` later.
     """
     if not is_local_path(path):
-        return dict(load_hub_dataset(
-            path, "Pass a local copy with --data.path <file or folder> (JSON/JSONL/parquet with SHP's fields or "
-            "with prompt, chosen, rejected columns), e.g. oasst1 pairs written by scripts/oasst1_to_pairs.py."))
+        return dict(
+            load_hub_dataset(
+                path,
+                "Pass a local copy with --data.path <file or folder> (JSON/JSONL/parquet with SHP's fields or "
+                "with prompt, chosen, rejected columns), e.g. oasst1 pairs written by scripts/oasst1_to_pairs.py.",
+            )
+        )
     return read_local_tables(path, "data.path", split_of=lambda file: _split_of(file) or "train")
 
 
@@ -159,16 +181,31 @@ def _encode_row(row: dict, tokenizer, max_length: int, min_prompt_tokens: int) -
         "chosen_ids": chosen,
         "rejected_ids": rejected,
         **{flag: chosen_info[flag] or rejected_info[flag] for flag in CUT_FLAGS},
-        **{f"{side}_{key}": info[key] for side, info in (("chosen", chosen_info), ("rejected", rejected_info))
-           for key in ("prompt_tokens", "untruncated_tokens")},  # fmt: skip
+        **{
+            f"{side}_{key}": info[key]
+            for side, info in (("chosen", chosen_info), ("rejected", rejected_info))
+            for key in ("prompt_tokens", "untruncated_tokens")
+        },
         # untruncated character lengths: the "longer reply wins" baseline and the test subsets
         "chosen_chars": len(str(row["chosen"])),
         "rejected_chars": len(str(row["rejected"])),
     }
 
 
-LOADER_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "score_ratio", "domain", "domain_id", "post_index",
-                  "chosen_prompt_tokens", "rejected_prompt_tokens", "chosen_chars", "rejected_chars"]  # fmt: skip
+LOADER_COLUMNS = [
+    "chosen_ids",
+    "rejected_ids",
+    "margin",
+    "weight",
+    "score_ratio",
+    "domain",
+    "domain_id",
+    "post_index",
+    "chosen_prompt_tokens",
+    "rejected_prompt_tokens",
+    "chosen_chars",
+    "rejected_chars",
+]
 
 
 def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -207,8 +244,15 @@ class PostGroupedShuffle(EpochShuffle):
     batches whose full ones are shuffled, the short remainder last, as in `LengthGroupedShuffle`.
     """
 
-    def __init__(self, data_source, seed: int, posts: list, batch_size: int, lengths: list[int] | None = None,
-                 group_posts: int = 100):  # fmt: skip
+    def __init__(
+        self,
+        data_source,
+        seed: int,
+        posts: list,
+        batch_size: int,
+        lengths: list[int] | None = None,
+        group_posts: int = 100,
+    ):
         super().__init__(data_source, seed)
         self.batch_size, self.group_posts = batch_size, group_posts
         by_post: dict = {}
@@ -382,8 +426,10 @@ class PreferenceDataModule(LightningDataModule):
             keep(lambda row: row["domain"].lower() in wanted, f"domain not in {sorted(wanted)}")
         keep(lambda row: has_user_turn(row["prompt"]), "prompt without a user turn")
         if hp.min_score_ratio is not None:
-            keep(lambda row: math.isnan(row["score_ratio"]) or row["score_ratio"] >= hp.min_score_ratio,
-                 f"score_ratio < {hp.min_score_ratio}")  # fmt: skip
+            keep(
+                lambda row: math.isnan(row["score_ratio"]) or row["score_ratio"] >= hp.min_score_ratio,
+                f"score_ratio < {hp.min_score_ratio}",
+            )
         keep(lambda row: bool(str(row["chosen"]).strip()) and bool(str(row["rejected"]).strip()), "empty response")
         keep(lambda row: str(row["chosen"]).strip() != str(row["rejected"]).strip(), "identical responses")
         if hp.max_pairs_per_post is not None:
@@ -421,9 +467,11 @@ class PreferenceDataModule(LightningDataModule):
             lambda row: {"domain_id": domain_ids.get(row["domain"], -1), "post_index": post_index[row[unit]]},
             keep_in_memory=True,
         )
-        for flag, label in (("prompt_cut", "prompts cut from the left"),
-                            ("prompt_over_max_length", f"prompts alone longer than max_length {hp.max_length} (cut)"),
-                            ("response_cut", "responses cut at their end")):  # fmt: skip
+        for flag, label in (
+            ("prompt_cut", "prompts cut from the left"),
+            ("prompt_over_max_length", f"prompts alone longer than max_length {hp.max_length} (cut)"),
+            ("response_cut", "responses cut at their end"),
+        ):
             if sum(dataset[flag]):
                 stats[label] = sum(dataset[flag])
         before = len(dataset)
@@ -579,8 +627,11 @@ def length_report(dataset, max_length: int) -> dict:
     if len(dataset):
         for side in ("chosen", "rejected"):
             lengths = np.asarray(dataset[f"{side}_untruncated_tokens"])
-            report[side] = {"p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
-                            "max": int(lengths.max())}  # fmt: skip
+            report[side] = {
+                "p50": float(np.percentile(lengths, 50)),
+                "p95": float(np.percentile(lengths, 95)),
+                "max": int(lengths.max()),
+            }
         longest = np.maximum(dataset["chosen_untruncated_tokens"], dataset["rejected_untruncated_tokens"])
         report["truncated_pairs"] = int((longest > max_length).sum())
     return report
@@ -589,8 +640,9 @@ def length_report(dataset, max_length: int) -> dict:
 def _describe_lengths(report: dict, max_length: int) -> str:
     sides = "; ".join(
         f"{side} p50 {report[side]['p50']:.0f} / p95 {report[side]['p95']:.0f} / max {report[side]['max']}"
-        for side in ("chosen", "rejected") if side in report
-    )  # fmt: skip
+        for side in ("chosen", "rejected")
+        if side in report
+    )
     return (
         f"token lengths before truncation: {sides}; {report['truncated_pairs']} of {report['pairs']} pairs "
         f"longer than max_length {max_length} (kept, cut)"

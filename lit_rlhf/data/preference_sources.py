@@ -76,12 +76,16 @@ def read_source(domain: str, paths: list[str], normalise_row, split_of) -> dict[
     for path in paths:
         if is_local_path(path):
             what = f"data.sources '{domain}'"
-            tables = [(f"{what}: the file '{file}'", split_of(file), read_local_tables(str(file), what)["train"])
-                      for file in local_table_files(path, what)[1]]  # fmt: skip
+            tables = [
+                (f"{what}: the file '{file}'", split_of(file), read_local_tables(str(file), what)["train"])
+                for file in local_table_files(path, what)[1]
+            ]
         else:
             hint = f"Pass a local copy as the path of data.sources '{domain}'."
             splits_of_hub = load_hub_dataset(path, hint)
-            tables = [(f"data.sources '{domain}': '{path}' ({split})", split, ds) for split, ds in splits_of_hub.items()]
+            tables = [
+                (f"data.sources '{domain}': '{path}' ({split})", split, ds) for split, ds in splits_of_hub.items()
+            ]
         for where, split, table in tables:
             if set(OASST1_FIELDS) <= set(table.column_names):
                 oasst1_rows += table.to_list()
@@ -109,8 +113,9 @@ def read_source(domain: str, paths: list[str], normalise_row, split_of) -> dict[
     return splits
 
 
-def split_source(domain: str, splits: dict[str, list[dict]], val_fraction: float, test_fraction: float,
-                 seed: int) -> dict[str, list[dict]]:  # fmt: skip
+def split_source(
+    domain: str, splits: dict[str, list[dict]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[dict]]:
     """The source's own splits, the missing validation/test ones cut from its train pool by a seeded
     split of its groups (conversations)."""
     missing = [s for s in ("validation", "test") if s not in splits]
@@ -123,7 +128,7 @@ def split_source(domain: str, splits: dict[str, list[dict]], val_fraction: float
             splits[split] = [row for row in pool if split_of[row["group"]] == split]
         sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS if s in splits)
         groups = len({row["group"] for row in pool})
-        print(f"[lit_rlhf] source '{domain}': {len(pool)} pairs, split by conversation ({groups}; seed {seed}): "
-              f"{sizes}")
+        print(
+            f"[lit_rlhf] source '{domain}': {len(pool)} pairs, split by conversation ({groups}; seed {seed}): {sizes}"
+        )
     return splits
-

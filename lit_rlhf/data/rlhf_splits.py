@@ -43,10 +43,14 @@ def write_rlhf_splits(rows: list[dict], out: Path, seed: int = 0, lang: str | No
         counts[f"{name}/test"] = len(held_out)
     training_rows = [row for row in rows if group[row["message_tree_id"]] != "held_out"]
     write_jsonl(training_rows, out / PROMPT_ROWS)
-    prompts = [{"prompt": row["text"].strip(), "message_id": row["message_id"], "message_tree_id": row["message_tree_id"]}
-               for row in rows
-               if group[row["message_tree_id"]] == "held_out" and row.get("role") == "prompter"
-               and row.get("parent_id") is None and (row.get("text") or "").strip()]  # fmt: skip
+    prompts = [
+        {"prompt": row["text"].strip(), "message_id": row["message_id"], "message_tree_id": row["message_tree_id"]}
+        for row in rows
+        if group[row["message_tree_id"]] == "held_out"
+        and row.get("role") == "prompter"
+        and row.get("parent_id") is None
+        and (row.get("text") or "").strip()
+    ]
     write_eval_prompts(prompts, out)
     counts.update({"prompt_rows": len(training_rows), "eval_prompts": len(prompts)})
     return counts

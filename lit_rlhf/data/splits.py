@@ -4,9 +4,7 @@ import random
 from collections.abc import Iterable
 
 
-def assign_splits(
-    groups: Iterable, fractions: dict[str, float], seed: int = 0
-) -> dict:
+def assign_splits(groups: Iterable, fractions: dict[str, float], seed: int = 0) -> dict:
     """Map each distinct group to a split name.
 
     `fractions` gives the share of *groups* per split (e.g. {"train": .8, "validation": .1,

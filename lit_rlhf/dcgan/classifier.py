@@ -46,10 +46,17 @@ class MedMNISTClassifier(LightningModule):
         hp = self.hparams
         w = hp.width
         self.body = nn.Sequential(
-            *conv_block(hp.channels, w), *conv_block(w, w), nn.MaxPool2d(2),
-            *conv_block(w, 2 * w), *conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *conv_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * w, hp.feature_dim), nn.ReLU(True),
+            *conv_block(hp.channels, w),
+            *conv_block(w, w),
+            nn.MaxPool2d(2),
+            *conv_block(w, 2 * w),
+            *conv_block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *conv_block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * w, hp.feature_dim),
+            nn.ReLU(True),
         )
         self.head = nn.Linear(hp.feature_dim, hp.num_classes)
         if hp.multi_label:
@@ -70,8 +77,10 @@ class MedMNISTClassifier(LightningModule):
             self.hparams.channels, self.hparams.num_classes, self.hparams.multi_label = data
             self._build()
         elif None not in data and data != (self.hparams.channels, self.hparams.num_classes, self.hparams.multi_label):
-            raise UserInputError(f"The data has (channels, classes, multi-label) {data}, the classifier was built for "
-                                 f"{(self.hparams.channels, self.hparams.num_classes, self.hparams.multi_label)}.")
+            raise UserInputError(
+                f"The data has (channels, classes, multi-label) {data}, the classifier was built for "
+                f"{(self.hparams.channels, self.hparams.num_classes, self.hparams.multi_label)}."
+            )
 
     @property
     def num_features(self) -> int:
@@ -139,17 +148,20 @@ class MedMNISTClassifier(LightningModule):
         return self.optimizer(self.parameters())
 
 
-def load_classifier(path: str | Path, option: str, flag: str | None, channels: int,
-                    missing_hint: str = "") -> MedMNISTClassifier:
+def load_classifier(
+    path: str | Path, option: str, flag: str | None, channels: int, missing_hint: str = ""
+) -> MedMNISTClassifier:
     """A trained classifier (weights-only load, eval mode) for the DCGAN's images: `channels` of them,
     from `flag` (checked against the flag in the checkpoint's data module settings, when both are
     known: two binary grayscale flags have the same shapes but not the same features). A checkpoint of
     another stage is refused here rather than deep inside `load_from_checkpoint`."""
     retrain = f"python -m lit_rlhf fit --config configs/dcgan/classifier.yaml --data.flag {flag}"
     if not Path(path).expanduser().exists():
-        raise UserInputError(f"{option} '{path}' does not exist: train the classifier of {flag} first ({retrain}; it "
-                             "writes checkpoints/best.ckpt under its trainer.default_root_dir) or pass the path of one."
-                             f"{missing_hint}")
+        raise UserInputError(
+            f"{option} '{path}' does not exist: train the classifier of {flag} first ({retrain}; it "
+            "writes checkpoints/best.ckpt under its trainer.default_root_dir) or pass the path of one."
+            f"{missing_hint}"
+        )
     checkpoint = load_checkpoint(path, f"classifier checkpoint ({option})")
     hparams = checkpoint.get("hyper_parameters") or {}
     if any(hparams.get(key) is None for key in ("channels", "num_classes", "multi_label", "feature_dim")):
@@ -159,10 +171,14 @@ def load_classifier(path: str | Path, option: str, flag: str | None, channels: i
         )
     trained_on = (checkpoint.get("datamodule_hyper_parameters") or {}).get("flag")
     if hparams["channels"] != channels:
-        raise UserInputError(f"The classifier {option} '{path}' takes {hparams['channels']}-channel images, the DCGAN "
-                             f"makes {channels}-channel ones: train one on {flag} ({retrain}).")
+        raise UserInputError(
+            f"The classifier {option} '{path}' takes {hparams['channels']}-channel images, the DCGAN "
+            f"makes {channels}-channel ones: train one on {flag} ({retrain})."
+        )
     if None not in (trained_on, flag) and trained_on != flag:
-        raise UserInputError(f"The classifier {option} '{path}' was trained on {trained_on}, the DCGAN on {flag}: its "
-                             f"features would measure the wrong domain. Pass a classifier of {flag}, or train one "
-                             f"({retrain}).")
+        raise UserInputError(
+            f"The classifier {option} '{path}' was trained on {trained_on}, the DCGAN on {flag}: its "
+            f"features would measure the wrong domain. Pass a classifier of {flag}, or train one "
+            f"({retrain})."
+        )
     return MedMNISTClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()

@@ -38,7 +38,8 @@ def check_flag(flag: str) -> dict:
     else:
         close = difflib.get_close_matches(flag, FLAGS, n=1)
         problem = f"MedMNIST flag '{flag}' is unknown to medmnist {medmnist.__version__}" + (
-            f" (did you mean '{close[0]}'?)." if close else ".")
+            f" (did you mean '{close[0]}'?)." if close else "."
+        )
     raise UserInputError(f"{problem} Set --data.flag to one of the 2D flags of medmnist's INFO: {', '.join(FLAGS)}.")
 
 
@@ -71,13 +72,17 @@ def layout_problems(flag: str, size: int, images: np.ndarray, labels: np.ndarray
     n_columns, n_values = (len(info["label"]), 2) if multi_label else (1, len(info["label"]))
     problems = []
     if images.dtype != np.uint8 or images.shape[1:] != expected:
-        problems.append(f"images {images.dtype} (N, {', '.join(map(str, images.shape[1:]))}) where {flag} has uint8 "
-                        f"(N, {', '.join(map(str, expected))}) ({info['n_channels']} channel(s))")
+        problems.append(
+            f"images {images.dtype} (N, {', '.join(map(str, images.shape[1:]))}) where {flag} has uint8 "
+            f"(N, {', '.join(map(str, expected))}) ({info['n_channels']} channel(s))"
+        )
     if labels.shape != (len(images), n_columns):
         problems.append(f"labels of shape {labels.shape} where {flag} ({info['task']}) has (N, {n_columns})")
     elif labels.size and (labels.min() < 0 or labels.max() >= n_values):
-        problems.append(f"label values {labels.min()}..{labels.max()} where {flag} has "
-                        f"{'0/1 per label' if multi_label else f'classes 0..{n_values - 1}'}")
+        problems.append(
+            f"label values {labels.min()}..{labels.max()} where {flag} has "
+            f"{'0/1 per label' if multi_label else f'classes 0..{n_values - 1}'}"
+        )
     return problems
 
 
@@ -122,8 +127,9 @@ def check_md5(flag: str, size: int, file: Path) -> None:
     )
 
 
-def load_split(flag: str, split: str, root: str | Path, size: int = 28, download: bool = False,
-               verify_md5: bool = True):
+def load_split(
+    flag: str, split: str, root: str | Path, size: int = 28, download: bool = False, verify_md5: bool = True
+):
     """(images, labels) numpy arrays of one split through `medmnist.<Flag>MNIST`, checked against INFO.
 
     The arrays are read from the dataset object's `imgs` / `labels`: `medmnist`'s `__len__`

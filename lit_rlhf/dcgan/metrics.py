@@ -44,8 +44,9 @@ class ClassifierFeatures(nn.Module):
 
 
 @torch.no_grad()
-def domain_fd_kid(real: torch.Tensor, fake: torch.Tensor, classifier: nn.Module, kid_subset_size: int = 1000,
-                  batch_size: int = 256) -> dict:
+def domain_fd_kid(
+    real: torch.Tensor, fake: torch.Tensor, classifier: nn.Module, kid_subset_size: int = 1000, batch_size: int = 256
+) -> dict:
     """Fréchet distance and KID (mean, std over subsets) of `fake` against `real` in the classifier's
     feature space. Subsets hold at most half of the smaller set, so their spread means something."""
     classifier.eval()
@@ -76,15 +77,22 @@ class _Uint8RGB(Dataset):
         return self.images[index]
 
 
-def inception_fid_kid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | None = None,
-                      kid_subset_size: int = 1000) -> dict | str:
+def inception_fid_kid(
+    real: torch.Tensor, fake: torch.Tensor, weights_path: str | None = None, kid_subset_size: int = 1000
+) -> dict | str:
     """Inception FID / KID by torch-fidelity, or a one-line reason when its weights cannot be had."""
     try:
         result = torch_fidelity.calculate_metrics(
-            input1=_Uint8RGB(fake), input2=_Uint8RGB(real), fid=True, kid=True,
+            input1=_Uint8RGB(fake),
+            input2=_Uint8RGB(real),
+            fid=True,
+            kid=True,
             kid_subset_size=max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2)),
-            feature_extractor_weights_path=weights_path, cuda=torch.cuda.is_available(),
-            cache=False, save_cpu_ram=True, verbose=False,
+            feature_extractor_weights_path=weights_path,
+            cuda=torch.cuda.is_available(),
+            cache=False,
+            save_cpu_ram=True,
+            verbose=False,
         )
     except OSError as error:
         return (
@@ -198,7 +206,7 @@ def evaluate_samples(
 
 
 def collapse_verdict(m: dict) -> tuple[str, list[str]]:
-    """"collapse", "partial collapse" or "diverse", with the measurements that decided it.
+    """ "collapse", "partial collapse" or "diverse", with the measurements that decided it.
 
     A level is reached when any of: the share of near-duplicate sample pairs (SSIM > 0.9) exceeds
     the real one by `duplicate_share`; the mean pairwise SSIM exceeds the real one by `ssim_gap`;
@@ -255,9 +263,13 @@ def fd_trend(curve: dict) -> str:
     best = min(points, key=lambda p: p["domain_fd"])
     floor = f"the real-vs-real floor is {curve['floor']:.2f}"
     if best is last:
-        return (f"still improving when training stopped: the last evaluation (epoch {last['epoch']}) has the lowest "
-                f"domain FD, {last['domain_fd']:.2f}, down from {points[-2]['domain_fd']:.2f} at epoch "
-                f"{points[-2]['epoch']} and {points[0]['domain_fd']:.2f} at epoch {points[0]['epoch']} ({floor}): "
-                "more epochs would likely help")
-    return (f"no longer improving: the lowest domain FD, {best['domain_fd']:.2f}, came at epoch {best['epoch']}; the "
-            f"last evaluation (epoch {last['epoch']}) has {last['domain_fd']:.2f} ({floor})")
+        return (
+            f"still improving when training stopped: the last evaluation (epoch {last['epoch']}) has the lowest "
+            f"domain FD, {last['domain_fd']:.2f}, down from {points[-2]['domain_fd']:.2f} at epoch "
+            f"{points[-2]['epoch']} and {points[0]['domain_fd']:.2f} at epoch {points[0]['epoch']} ({floor}): "
+            "more epochs would likely help"
+        )
+    return (
+        f"no longer improving: the lowest domain FD, {best['domain_fd']:.2f}, came at epoch {best['epoch']}; the "
+        f"last evaluation (epoch {last['epoch']}) has {last['domain_fd']:.2f} ({floor})"
+    )

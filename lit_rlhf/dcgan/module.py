@@ -36,8 +36,9 @@ def plot_domain_fd_curve(curve: dict, path: Path) -> Path:
     points = curve["points"]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot([p["epoch"] for p in points], [p["domain_fd"] for p in points], marker="o",
-            label="samples vs training images")
+    ax.plot(
+        [p["epoch"] for p in points], [p["domain_fd"] for p in points], marker="o", label="samples vs training images"
+    )
     ax.axhline(curve["floor"], color="grey", linestyle="--", label="floor: training vs training images")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -138,13 +139,20 @@ class DCGAN(LightningModule):
         train = getattr(datamodule, "train_set", None)
         if train is None:
             raise UserInputError("--model.fd_classifier needs the training images: use a MedMNIST data module.")
-        classifier = load_classifier(self.hparams.fd_classifier, "--model.fd_classifier",
-                                     datamodule.hparams.get("flag"), self.hparams.channels,
-                                     " Or pass --model.fd_classifier null to train without the FD curve.")
+        classifier = load_classifier(
+            self.hparams.fd_classifier,
+            "--model.fd_classifier",
+            datamodule.hparams.get("flag"),
+            self.hparams.channels,
+            " Or pass --model.fd_classifier null to train without the FD curve.",
+        )
         n = min(self.hparams.fd_num_samples, len(train) // 2)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.sample_seed))
-        self._fd = {"classifier": classifier, "reference": train.images[order[:n]].cpu(),
-                    "floor": train.images[order[n : 2 * n]].cpu()}
+        self._fd = {
+            "classifier": classifier,
+            "reference": train.images[order[:n]].cpu(),
+            "floor": train.images[order[n : 2 * n]].cpu(),
+        }
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
@@ -160,8 +168,9 @@ class DCGAN(LightningModule):
         with self.toggled_optimizer(opt_d):
             logits_real = self.discriminator(real)
             logits_fake = self.discriminator(fake.detach())
-            loss_d = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real)) + \
-                F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+            loss_d = F.binary_cross_entropy_with_logits(
+                logits_real, torch.ones_like(logits_real)
+            ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
             opt_d.step()
@@ -175,8 +184,12 @@ class DCGAN(LightningModule):
 
         stats = torch.stack([loss_d, loss_g, logits_real.sigmoid().mean(), logits_fake.sigmoid().mean()]).detach()
         # after both updates: one host sync a step instead of one per loss
-        require_finite(f"({', '.join(STATS)})", stats, self.global_step,
-                       "Lower the learning rates (optimizer_g / optimizer_d) or use fp32 (trainer.precision: 32-true).")
+        require_finite(
+            f"({', '.join(STATS)})",
+            stats,
+            self.global_step,
+            "Lower the learning rates (optimizer_g / optimizer_d) or use fp32 (trainer.precision: 32-true).",
+        )
         self.log_dict({f"train/{name}": value for name, value in zip(STATS, stats)}, prog_bar=True)
         self._epoch_sum += stats
         self._epoch_steps += 1
@@ -198,8 +211,11 @@ class DCGAN(LightningModule):
         hp = self.hparams
         if done <= hp.plot_first_epochs or done % hp.sample_every_n_epochs == 0:
             means = (self._epoch_sum / max(self._epoch_steps, 1)).tolist()
-            print(f"[dcgan] epoch {done}: " + " ".join(f"{k}={v:.3f}" for k, v in zip(STATS, means))
-                  + f" | {self._epoch_steps} steps, {seconds:.1f} s, {images_per_sec:.0f} img/s")
+            print(
+                f"[dcgan] epoch {done}: "
+                + " ".join(f"{k}={v:.3f}" for k, v in zip(STATS, means))
+                + f" | {self._epoch_steps} steps, {seconds:.1f} s, {images_per_sec:.0f} img/s"
+            )
         if done <= hp.plot_first_epochs:
             self._early_epoch_ends.append(len(self._early))
             if done == hp.plot_first_epochs:
@@ -218,12 +234,18 @@ class DCGAN(LightningModule):
             floor = domain_fd_kid(reference, to_signed_unit(self._fd["floor"].to(self.device)), classifier)["fd"]
             self.fd_curve = {"n": len(reference), "floor": floor, "points": []}
         result = domain_fd_kid(reference, self.generate(len(reference), seed=self.hparams.sample_seed), classifier)
-        point = {"epoch": self.current_epoch + 1, "step": self.global_step, "domain_fd": result["fd"],
-                 "domain_kid": result["kid"]}
+        point = {
+            "epoch": self.current_epoch + 1,
+            "step": self.global_step,
+            "domain_fd": result["fd"],
+            "domain_kid": result["kid"],
+        }
         self.fd_curve["points"].append(point)
         self.log_dict({"train/domain_fd": result["fd"], "train/domain_kid": result["kid"]})
-        print(f"[dcgan] epoch {point['epoch']}: domain FD {result['fd']:.2f} (floor {self.fd_curve['floor']:.2f}), "
-              f"KID {result['kid']:.4f}")
+        print(
+            f"[dcgan] epoch {point['epoch']}: domain FD {result['fd']:.2f} (floor {self.fd_curve['floor']:.2f}), "
+            f"KID {result['kid']:.4f}"
+        )
         self._plot_fd_curve()
 
     @rank_zero_only

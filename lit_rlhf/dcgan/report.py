@@ -78,33 +78,69 @@ def analysis_markdown(m: dict, context: dict) -> str:
             f"nearest training image, held-out real images {m['nn_distance_median_real']:.3f}."
         )
     if "classifier_accuracy_holdout" in m:
-        lines.append(f"- The classifier behind the class histogram and the domain distances scores "
-                     f"{m['classifier_accuracy_holdout']:.1%} on the held-out real images.")
+        lines.append(
+            f"- The classifier behind the class histogram and the domain distances scores "
+            f"{m['classifier_accuracy_holdout']:.1%} on the held-out real images."
+        )
 
     inception = (
-        [["Inception FID (torch-fidelity)", _fmt(m["inception_fid_fake"], 2), _fmt(m["inception_fid_real"], 2),
-          "as the domain FD"],
-         ["Inception KID", _fmt(m["inception_kid_fake"], 4), _fmt(m["inception_kid_real"], 4), ""]]
-        if "inception_fid_fake" in m else []
+        [
+            [
+                "Inception FID (torch-fidelity)",
+                _fmt(m["inception_fid_fake"], 2),
+                _fmt(m["inception_fid_real"], 2),
+                "as the domain FD",
+            ],
+            ["Inception KID", _fmt(m["inception_kid_fake"], 4), _fmt(m["inception_kid_real"], 4), ""],
+        ]
+        if "inception_fid_fake" in m
+        else []
     )
     rows = [
-        ["domain Fréchet distance (classifier features) to training images", _fmt(m["domain_fd_fake"], 2),
-         _fmt(m["domain_fd_real"], 2), "lower = closer; the real value is the floor at this sample size"],
-        ["domain KID", f"{m['domain_kid_fake']:.4f} ± {m['domain_kid_std_fake']:.4f}",
-         f"{m['domain_kid_real']:.4f} ± {m['domain_kid_std_real']:.4f}", "~0 = same distribution"],
+        [
+            "domain Fréchet distance (classifier features) to training images",
+            _fmt(m["domain_fd_fake"], 2),
+            _fmt(m["domain_fd_real"], 2),
+            "lower = closer; the real value is the floor at this sample size",
+        ],
+        [
+            "domain KID",
+            f"{m['domain_kid_fake']:.4f} ± {m['domain_kid_std_fake']:.4f}",
+            f"{m['domain_kid_real']:.4f} ± {m['domain_kid_std_real']:.4f}",
+            "~0 = same distribution",
+        ],
         *inception,
-        ["mean SSIM of random pairs", _fmt(m["ssim_fake"]), _fmt(m["ssim_real"]),
-         "higher = samples more alike (less diverse)"],
-        [f"near-duplicate pairs (SSIM > {DUPLICATE_SSIM})", f"{m['duplicate_share_fake']:.1%}",
-         f"{m['duplicate_share_real']:.1%}", "mode collapse repeats the same image"],
-        [f"classes covered (>= {MIN_CLASS_SHARE:.0%} of images)", m["classes_covered_fake"], m["classes_covered_real"],
-         "dropped classes = dropped modes"],
+        [
+            "mean SSIM of random pairs",
+            _fmt(m["ssim_fake"]),
+            _fmt(m["ssim_real"]),
+            "higher = samples more alike (less diverse)",
+        ],
+        [
+            f"near-duplicate pairs (SSIM > {DUPLICATE_SSIM})",
+            f"{m['duplicate_share_fake']:.1%}",
+            f"{m['duplicate_share_real']:.1%}",
+            "mode collapse repeats the same image",
+        ],
+        [
+            f"classes covered (>= {MIN_CLASS_SHARE:.0%} of images)",
+            m["classes_covered_fake"],
+            m["classes_covered_real"],
+            "dropped classes = dropped modes",
+        ],
         ["class-histogram TV distance to held-out real", _fmt(m["class_tv"]), "0", "0 = same class mix, 1 = disjoint"],
-        ["classifier confidence (mean)", _fmt(m["classifier_confidence_fake"]), _fmt(m["classifier_confidence_real"]),
-         "much lower on samples = unrecognisable images"],
-        ["nearest-training-image RMS distance: median (min)",
-         f"{m['nn_distance_median_fake']:.3f} ({m['nn_distance_min_fake']:.3f})",
-         f"{m['nn_distance_median_real']:.3f} ({m['nn_distance_min_real']:.3f})", "much lower than real = copies"],
+        [
+            "classifier confidence (mean)",
+            _fmt(m["classifier_confidence_fake"]),
+            _fmt(m["classifier_confidence_real"]),
+            "much lower on samples = unrecognisable images",
+        ],
+        [
+            "nearest-training-image RMS distance: median (min)",
+            f"{m['nn_distance_median_fake']:.3f} ({m['nn_distance_min_fake']:.3f})",
+            f"{m['nn_distance_median_real']:.3f} ({m['nn_distance_min_real']:.3f})",
+            "much lower than real = copies",
+        ],
     ]
     lines += ["", "## Measurements", "", markdown_table(["measure", "generated", "held-out real", "reading"], rows)]
     if "inception_skipped" in m:
@@ -114,20 +150,31 @@ def analysis_markdown(m: dict, context: dict) -> str:
     for i, name in enumerate(m["class_bins"]):
         title = "no finding" if name == "none" else f"{name}: {label_names[name]}"
         hist_rows.append([title, f"{m['class_histogram_fake'][i]:.1%}", f"{m['class_histogram_real'][i]:.1%}"])
-    lines += ["", "## Class histogram (classifier predictions)", "",
-              markdown_table(["class", "generated", "held-out real"], hist_rows)]
+    lines += [
+        "",
+        "## Class histogram (classifier predictions)",
+        "",
+        markdown_table(["class", "generated", "held-out real"], hist_rows),
+    ]
 
     curve = context.get("domain_fd_curve")
     if curve:
-        lines += ["", "## Domain FD during training", "",
-                  f"Every {context['sample_every_n_epochs']} epochs, {curve['n']} samples (fixed seed) against "
-                  f"{curve['n']} training images, in the same classifier features (`--model.fd_classifier` "
-                  f"`{context['fd_classifier']}`); floor: {curve['floor']:.2f} (two disjoint sets of training images). "
-                  f"Reading: {fd_trend(curve)}.", "",
-                  markdown_table(["epoch", "step", "domain FD", "domain KID"],
-                                 [[p["epoch"], p["step"], f"{p['domain_fd']:.2f}", f"{p['domain_kid']:.4f}"]
-                                  for p in curve["points"]]),
-                  "", "![domain FD against epochs](domain_fd_curve.png)"]
+        lines += [
+            "",
+            "## Domain FD during training",
+            "",
+            f"Every {context['sample_every_n_epochs']} epochs, {curve['n']} samples (fixed seed) against "
+            f"{curve['n']} training images, in the same classifier features (`--model.fd_classifier` "
+            f"`{context['fd_classifier']}`); floor: {curve['floor']:.2f} (two disjoint sets of training images). "
+            f"Reading: {fd_trend(curve)}.",
+            "",
+            markdown_table(
+                ["epoch", "step", "domain FD", "domain KID"],
+                [[p["epoch"], p["step"], f"{p['domain_fd']:.2f}", f"{p['domain_kid']:.4f}"] for p in curve["points"]],
+            ),
+            "",
+            "![domain FD against epochs](domain_fd_curve.png)",
+        ]
 
     limits = "; ".join(
         f"**{level}** when the near-duplicate share exceeds the real one by >= {v['duplicate_share']:.0%}, the mean "
@@ -135,16 +182,21 @@ def analysis_markdown(m: dict, context: dict) -> str:
         for level, v in THRESHOLDS.items()
     )
     lines += [
-        "", "## How the verdict is made", "",
+        "",
+        "## How the verdict is made",
+        "",
         f"{limits}; covering fewer classes than the real images also counts as a partial collapse; otherwise "
         "**diverse**. Memorisation is flagged when samples sit under "
         f"{MEMORISATION_RATIO}× the held-out images' median distance to the training set.",
-        "", "Caveats: the class histogram and the domain distances see the images through the project's own "
+        "",
+        "Caveats: the class histogram and the domain distances see the images through the project's own "
         "classifier (its errors shift both histograms alike, which is why generated and real images are both "
         "classified); SSIM and nearest-neighbour distances compare pixels at 28×28. A 'diverse' verdict rules out "
         "collapse, not poor image quality: read the Fréchet distances and look at the grid.",
-        "", "![nearest training neighbours: generated (top) and their nearest training images (bottom)]"
-        "(nearest_neighbours.png)", "",
+        "",
+        "![nearest training neighbours: generated (top) and their nearest training images (bottom)]"
+        "(nearest_neighbours.png)",
+        "",
     ]
     return "\n".join(lines)
 
@@ -178,8 +230,10 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
         )
     datamodule = MedMNISTDataModule(**data_hparams)
     if args.holdout_split in datamodule.hparams.train_splits:
-        raise UserInputError(f"--holdout-split {args.holdout_split} was trained on; pick a split outside "
-                             f"{list(datamodule.hparams.train_splits)}.")
+        raise UserInputError(
+            f"--holdout-split {args.holdout_split} was trained on; pick a split outside "
+            f"{list(datamodule.hparams.train_splits)}."
+        )
 
     model = DCGAN.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
     classifier = load_classifier(classifier_ckpt, "--classifier", datamodule.hparams.flag, model.hparams.channels)
@@ -192,8 +246,14 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
     holdout = to_signed_unit(held.images[order]).to(device)
     fake = model.generate(len(holdout), seed=args.seed)
     metrics = evaluate_samples(
-        fake, train, holdout, classifier, holdout_labels=held.labels[order],
-        inception=not args.no_inception, inception_weights=args.inception_weights, seed=args.seed,
+        fake,
+        train,
+        holdout,
+        classifier,
+        holdout_labels=held.labels[order],
+        inception=not args.no_inception,
+        inception_weights=args.inception_weights,
+        seed=args.seed,
     )
 
     out = Path(args.out) if args.out else run_root(ckpt) / "samples"
@@ -202,9 +262,14 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
     _, nn_index = nearest_neighbour(fake[:8], train)
     save_image(image_grid(torch.cat([fake[:8], train[nn_index]])), out / "nearest_neighbours.png")
     context = {
-        "flag": datamodule.hparams.flag, "ckpt": str(ckpt), "classifier": str(classifier_ckpt),
-        "epoch": checkpoint.get("epoch"), "step": checkpoint.get("global_step"), "holdout_split": args.holdout_split,
-        "sample_every_n_epochs": model.hparams.sample_every_n_epochs, "fd_classifier": model.hparams.fd_classifier,
+        "flag": datamodule.hparams.flag,
+        "ckpt": str(ckpt),
+        "classifier": str(classifier_ckpt),
+        "epoch": checkpoint.get("epoch"),
+        "step": checkpoint.get("global_step"),
+        "holdout_split": args.holdout_split,
+        "sample_every_n_epochs": model.hparams.sample_every_n_epochs,
+        "fd_classifier": model.hparams.fd_classifier,
         "domain_fd_curve": model.fd_curve,
     }
     if model.fd_curve:
@@ -218,8 +283,13 @@ def build_report(args) -> tuple[str, dict, dict, Path]:
 def log_to_wandb(markdown: str, metrics: dict, out: Path, root: Path, flag: str) -> None:
     mode = wandb_mode()
     logger = WandbLogger(
-        project="lit_rlhf", offline=mode != "online", mode=mode, save_dir=str(root),
-        group="gan_report", tags=["dcgan", "medmnist", flag], name=f"gan_report_{flag}",
+        project="lit_rlhf",
+        offline=mode != "online",
+        mode=mode,
+        save_dir=str(root),
+        group="gan_report",
+        tags=["dcgan", "medmnist", flag],
+        name=f"gan_report_{flag}",
     )
     numbers = {f"gan/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     logger.log_metrics(numbers)

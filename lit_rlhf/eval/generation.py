@@ -45,8 +45,9 @@ def generate_responses(
     texts, token_ids, logprobs = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     torch.manual_seed(seed)  # the batches' order depends on the prompts alone: every model draws alike
     for batch in tqdm(batches_by_length([len(ids) for ids in encoded], batch_size), desc=desc, leave=False):
-        input_ids, attention = pad_sequences([encoded[i] for i in batch], tokenizer.pad_token_id, side="left",
-                                             device=device)  # fmt: skip
+        input_ids, attention = pad_sequences(
+            [encoded[i] for i in batch], tokenizer.pad_token_id, side="left", device=device
+        )
         width = input_ids.size(1)
         out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
         sampled = out.sequences[:, width:]
@@ -70,8 +71,14 @@ def is_truncated(token_ids: list[int], max_new_tokens: int) -> bool:
 
 @torch.no_grad()
 def response_logprobs(
-    model, tokenizer, prompts: list, token_ids: list[list[int]], temperature: float, max_prompt_length: int = 256,
-    batch_size: int = 16, system_prompt: str | None = None,
+    model,
+    tokenizer,
+    prompts: list,
+    token_ids: list[list[int]],
+    temperature: float,
+    max_prompt_length: int = 256,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> list[torch.Tensor]:
     """log p(token | prompt, earlier tokens) of each response token under logits / temperature, the
     distribution `generate_responses` sampled from; prompts are encoded as it encoded them (pass the
@@ -79,15 +86,22 @@ def response_logprobs(
     model.eval()
     device = next(model.parameters()).device
     pad, scale = tokenizer.pad_token_id, temperature if temperature > 0 else 1.0
-    encoded = [(chat_prompt_ids(tokenizer, p, max_prompt_length, system_prompt)[0], list(r))
-               for p, r in zip(prompts, token_ids)]  # fmt: skip
+    encoded = [
+        (chat_prompt_ids(tokenizer, p, max_prompt_length, system_prompt)[0], list(r))
+        for p, r in zip(prompts, token_ids)
+    ]
     result = [None] * len(prompts)
     for batch in batches_by_length([len(q) + len(r) for q, r in encoded], batch_size):
         pairs = [encoded[i] for i in batch]
         longest = max(max(len(r) for _, r in pairs), 1)
         ids, attention = pad_sequences([q + r for q, r in pairs], pad, side="left", device=device)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
-                       use_cache=False, logits_to_keep=longest + 1).logits[:, :-1]  # fmt: skip
+        logits = model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=(attention.cumsum(1) - 1).clamp(min=0),
+            use_cache=False,
+            logits_to_keep=longest + 1,
+        ).logits[:, :-1]
         logp = torch.log_softmax(logits.float() / scale, dim=-1).gather(2, ids[:, -longest:].unsqueeze(-1)).squeeze(-1)
         for row, (i, (_, r)) in enumerate(zip(batch, pairs)):
             result[i] = logp[row, longest - len(r) :].cpu()

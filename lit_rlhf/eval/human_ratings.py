@@ -58,8 +58,11 @@ def load_ratings(eval_dir: Path, generations: dict[str, list[dict]], stdout=sys.
             else:
                 stale += 1
     if stale:
-        print(f"{stale} saved ratings are of responses that were regenerated since: dropped as stale; "
-              "`rate` asks for them again.", file=stdout)  # fmt: skip
+        print(
+            f"{stale} saved ratings are of responses that were regenerated since: dropped as stale; "
+            "`rate` asks for them again.",
+            file=stdout,
+        )
     return ratings
 
 
@@ -168,13 +171,23 @@ def summarize(eval_dir: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lit_rlhf.eval.human_ratings", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("command", choices=["rate", "summarize"],
-                        help="rate: ask for the missing 1-5 ratings (blind, resumable), then summarize; "
-                             "summarize: write human_ratings.md (tables, mean per criterion, model names)")  # fmt: skip
-    parser.add_argument("--eval_dir", type=Path, required=True,
-                        help=f"an evaluation folder (the out_dir of python -m lit_rlhf.evaluate), holding {GENERATIONS_FILE}")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_rlhf.eval.human_ratings",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command",
+        choices=["rate", "summarize"],
+        help="rate: ask for the missing 1-5 ratings (blind, resumable), then summarize; "
+        "summarize: write human_ratings.md (tables, mean per criterion, model names)",
+    )
+    parser.add_argument(
+        "--eval_dir",
+        type=Path,
+        required=True,
+        help=f"an evaluation folder (the out_dir of python -m lit_rlhf.evaluate), holding {GENERATIONS_FILE}",
+    )
     parser.add_argument("--seed", type=int, default=0, help="shuffles the items for `rate`; keep it to resume in order")
     return parser
 

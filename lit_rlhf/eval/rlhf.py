@@ -40,7 +40,13 @@ from lit_rlhf.eval.generation import generate_responses, is_truncated, response_
 from lit_rlhf.eval.kl_monitor import interpret_kl, ppo_curves
 from lit_rlhf.eval.runs import read_metrics
 from lit_rlhf.eval.stats import Interval, bootstrap_mean_ci, paired_gain_ci, repetition_rate, win_rate
-from lit_rlhf.models.hf import DEFAULT_MODEL, load_causal_lm, load_sequence_scorer, load_tokenizer, require_tokenizer_fits
+from lit_rlhf.models.hf import (
+    DEFAULT_MODEL,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    require_tokenizer_fits,
+)
 from lit_rlhf.models.scoring import score_responses
 from lit_rlhf.text import require_system_prompt_renders
 
@@ -87,7 +93,9 @@ class EvalSettings:
     reward_model: str = "runs/reward_model/reward_model"
     judge_reward_model: str | None = None
     base_model: str = DEFAULT_MODEL
-    policies: dict[str, str] = field(default_factory=lambda: {"PPO (full)": "runs/ppo_full", "PPO (LoRA)": "runs/ppo_lora"})
+    policies: dict[str, str] = field(
+        default_factory=lambda: {"PPO (full)": "runs/ppo_full", "PPO (LoRA)": "runs/ppo_lora"}
+    )
     eval_prompts: str | None = None
     out_dir: str = "runs/evaluation"
     num_prompts: int | None = None
@@ -139,7 +147,11 @@ class EvalResult:
 def policy_export(run: str | Path) -> tuple[Path, bool]:
     """(export folder, is a LoRA adapter) of a training run folder, or the export folder itself."""
     run = Path(run)
-    for folder, adapter in ((run / POLICY, False), (run / POLICY_ADAPTER, True), (run, (run / "adapter_config.json").exists())):
+    for folder, adapter in (
+        (run / POLICY, False),
+        (run / POLICY_ADAPTER, True),
+        (run, (run / "adapter_config.json").exists()),
+    ):
         if (folder / ("adapter_config.json" if adapter else "config.json")).exists():
             return folder, adapter
     raise UserInputError(
@@ -182,8 +194,10 @@ def load_lora_policy(base_model: str, folder: Path):
         raise mismatch(reason(error)) from error
     loaded = set(get_peft_model_state_dict(model))
     if saved != loaded:
-        raise mismatch(f"{len(saved - loaded)} adapter tensors have no place in it and {len(loaded - saved)} of its "
-                       "LoRA tensors are missing from the adapter")
+        raise mismatch(
+            f"{len(saved - loaded)} adapter tensors have no place in it and {len(loaded - saved)} of its "
+            "LoRA tensors are missing from the adapter"
+        )
     return model.merge_and_unload()
 
 
@@ -193,8 +207,10 @@ def eval_prompt_file(s: EvalSettings) -> Path:
     for run in s.policies.values():
         if (Path(run) / EVAL_PROMPTS).exists():
             return Path(run) / EVAL_PROMPTS
-    raise UserInputError("No eval_prompts given and no policy run folder holds eval_prompts.jsonl (PPO, GRPO and "
-                         "RLOO runs write it; for DPO runs pass --eval_prompts).")
+    raise UserInputError(
+        "No eval_prompts given and no policy run folder holds eval_prompts.jsonl (PPO, GRPO and "
+        "RLOO runs write it; for DPO runs pass --eval_prompts)."
+    )
 
 
 def _valid_prompt(prompt) -> bool:
@@ -233,13 +249,15 @@ def load_eval_prompts(s: EvalSettings) -> list[dict]:
     try:
         rows = read_eval_prompts(file)
     except ValueError as error:  # a line that is not JSON
-        raise UserInputError(f"'{file}' is not a JSON-lines file ({reason(error)}). Fix the line or re-run PPO.") from error
+        raise UserInputError(
+            f"'{file}' is not a JSON-lines file ({reason(error)}). Fix the line or re-run PPO."
+        ) from error
     bad = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or not _valid_prompt(row.get("prompt"))]
     if bad:
         raise UserInputError(
             f"{len(bad)} rows of '{file}' (the first is row {bad[0]}) have no non-empty 'prompt' text. Evaluation "
             'prompts are JSON lines {"prompt": ..., "message_id": ..., "message_tree_id": ...} as the PPO stage '
-            "writes them ('prompt' is a text, or a conversation as a list of {\"role\", \"content\"} messages "
+            'writes them (\'prompt\' is a text, or a conversation as a list of {"role", "content"} messages '
             "ending with the user's turn)."
         )
     rows = rows[: s.num_prompts]
@@ -265,7 +283,9 @@ def scoring_settings(path: str, override: int | None) -> dict:
             f"[lit_rlhf] warning: scoring with reward_max_length {override}, but the reward model was "
             f"trained with max length {scoring['max_length']} ({path}); its rewards may be off."
         )
-        scoring["scoring_source"] = f"reward_max_length overrides the max length {scoring['max_length']} it was trained with"
+        scoring["scoring_source"] = (
+            f"reward_max_length overrides the max length {scoring['max_length']} it was trained with"
+        )
         scoring["max_length"] = override
     return scoring
 
@@ -276,8 +296,9 @@ def reward_model_overlap(path: str, rows: list[dict]) -> int | None:
     if "trained_on" not in reward_model_info(path):
         return None
     seen = reward_model_seen(path)
-    return sum(r.get("message_tree_id") in seen["message_tree_ids"] or r.get("message_id") in seen["post_ids"]
-               for r in rows)
+    return sum(
+        r.get("message_tree_id") in seen["message_tree_ids"] or r.get("message_id") in seen["post_ids"] for r in rows
+    )
 
 
 # ---------------------------------------------------------------------------- statistics and readings
@@ -308,13 +329,20 @@ def reward_hacking_reading(name: str, training: Interval, judge: Interval | None
     if judge is not None and judge.low <= 0:
         flags.append(f"the judge reward model, which it never trained against, sees no significant gain ({judge})")
     if length_controlled.mean < 0.5 * training.mean:
-        flags.append(f"length explains most of the gain (length-controlled gain {length_controlled} "
-                     f"of {training.mean:+.3f})")
+        flags.append(
+            f"length explains most of the gain (length-controlled gain {length_controlled} of {training.mean:+.3f})"
+        )
     if flags:
-        return f"{name}: possible reward hacking: a significant training-RM gain ({training}), but " + "; and ".join(flags) + "."
+        return (
+            f"{name}: possible reward hacking: a significant training-RM gain ({training}), but "
+            + "; and ".join(flags)
+            + "."
+        )
     judged = f" and under the judge ({judge})" if judge is not None else " (no judge reward model given)"
-    return (f"{name}: significant gain under the training reward model ({training}){judged}, and most of it "
-            f"remains after controlling for length ({length_controlled}).")
+    return (
+        f"{name}: significant gain under the training reward model ({training}){judged}, and most of it "
+        f"remains after controlling for length ({length_controlled})."
+    )
 
 
 TRUNCATED_SHARE_LIMIT = 0.25  # above it, a model's rewards rest mostly on answers cut unfinished
@@ -324,14 +352,18 @@ def truncation_reading(name: str, share: float, max_new_tokens: int) -> str | No
     """A flag for a model whose answers were mostly cut (None when at most `TRUNCATED_SHARE_LIMIT`)."""
     if share <= TRUNCATED_SHARE_LIMIT:
         return None
-    return (f"{name}: {share:.0%} of its answers did not end within {max_new_tokens} new tokens (above "
-            f"{TRUNCATED_SHARE_LIMIT:.0%}): its rewards, and every gain measured against it, rest largely on cut "
-            "answers (scored as open turns); raise max_new_tokens or ask for shorter answers before reading them.")
+    return (
+        f"{name}: {share:.0%} of its answers did not end within {max_new_tokens} new tokens (above "
+        f"{TRUNCATED_SHARE_LIMIT:.0%}): its rewards, and every gain measured against it, rest largely on cut "
+        "answers (scored as open turns); raise max_new_tokens or ask for shorter answers before reading them."
+    )
 
 
 def kl_reading(name: str, kl: float, low: float, high: float) -> str:
     where = "inside" if low <= kl <= high else ("above" if kl > high else "below")
-    return f"{name}: per-token KL to the base model on the evaluation prompts is {kl:.4f}, {where} the {low}-{high} band."
+    return (
+        f"{name}: per-token KL to the base model on the evaluation prompts is {kl:.4f}, {where} the {low}-{high} band."
+    )
 
 
 def training_cost(run: str) -> dict:
@@ -362,8 +394,11 @@ def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> di
     base, base_length = per_prompt.loc[BASE], records[records.model == BASE].length.mean()
     for model, group in records.groupby("model", sort=False):
         prompts = per_prompt.loc[model].reindex(base.index)
-        entry = {"mean_length": float(group.length.mean()), "truncated_share": float(group.truncated.mean()),
-                 "repetition": float(group.repetition.mean())}
+        entry = {
+            "mean_length": float(group.length.mean()),
+            "truncated_share": float(group.truncated.mean()),
+            "repetition": float(group.repetition.mean()),
+        }
         for judge in judges:
             key = "" if judge.role == "training" else "judge_"
             values, residuals = prompts[judge.role].to_numpy(), prompts[f"{judge.role}_residual"].to_numpy()
@@ -371,7 +406,8 @@ def summarise(records: pd.DataFrame, s: EvalSettings, judges: list[Judge]) -> di
             if model != BASE:
                 entry[f"{key}reward_gain"] = asdict(paired_gain_ci(values, base[judge.role].to_numpy(), **ci))
                 entry[f"{key}length_controlled_gain"] = asdict(
-                    paired_gain_ci(residuals, base[f"{judge.role}_residual"].to_numpy(), **ci))
+                    paired_gain_ci(residuals, base[f"{judge.role}_residual"].to_numpy(), **ci)
+                )
                 entry[f"{key}win_rate"] = win_rate(values, base[judge.role].to_numpy())
         if model != BASE:
             entry["length_change"] = float(group.length.mean() - base_length)
@@ -390,8 +426,11 @@ def evaluate(s: EvalSettings) -> EvalResult:
     prompts = [row["prompt"] for row in prompt_rows]
     texts = [prompt_text(p) for p in prompts]
     paths = {"training": s.reward_model, "judge": s.judge_reward_model}
-    judges = [Judge(role, path, scoring_settings(path, s.reward_max_length), reward_model_overlap(path, prompt_rows))
-              for role, path in paths.items() if path]  # fmt: skip
+    judges = [
+        Judge(role, path, scoring_settings(path, s.reward_max_length), reward_model_overlap(path, prompt_rows))
+        for role, path in paths.items()
+        if path
+    ]
     for judge in judges:
         # a missing or offline reward model stops here, not after generation; errors name the option given
         load_tokenizer(judge.path, option="--reward_model" if judge.role == "training" else "--judge_reward_model")
@@ -418,37 +457,70 @@ def evaluate(s: EvalSettings) -> EvalResult:
         require_tokenizer_fits(model, tokenizer, name)
         # k1 KL on the policy's own samples, both log-probs at the sampling temperature
         responses, token_ids, own = generate_responses(
-            model, tokenizer, asked_prompts, s.max_new_tokens, s.temperature, s.seed,
-            s.generation_batch_size or s.batch_size, s.max_prompt_length, desc=f"generating ({name})", return_logprobs=True,
+            model,
+            tokenizer,
+            asked_prompts,
+            s.max_new_tokens,
+            s.temperature,
+            s.seed,
+            s.generation_batch_size or s.batch_size,
+            s.max_prompt_length,
+            desc=f"generating ({name})",
+            return_logprobs=True,
             system_prompt=system_prompt,
         )
         kl_sums = [0.0] * len(asked)
         if name != BASE:
-            ref = response_logprobs(base_model, base_tokenizer, asked_prompts, token_ids, s.temperature,
-                                    s.max_prompt_length, s.batch_size, system_prompt)  # fmt: skip
+            ref = response_logprobs(
+                base_model,
+                base_tokenizer,
+                asked_prompts,
+                token_ids,
+                s.temperature,
+                s.max_prompt_length,
+                s.batch_size,
+                system_prompt,
+            )
             kl_sums = [float((a - b).sum()) for a, b in zip(own, ref)]
             del model
             gc.collect()
         for (i, k), response, ids, kl_sum in zip(asked, responses, token_ids, kl_sums):
-            records.append({"model": name, "prompt_id": i, "sample": k, "prompt": texts[i], "response": response,
-                            "length": len(ids), "truncated": is_truncated(ids, s.max_new_tokens),
-                            "repetition": repetition_rate(ids), "kl_sum": kl_sum})  # fmt: skip
+            records.append(
+                {
+                    "model": name,
+                    "prompt_id": i,
+                    "sample": k,
+                    "prompt": texts[i],
+                    "response": response,
+                    "length": len(ids),
+                    "truncated": is_truncated(ids, s.max_new_tokens),
+                    "repetition": repetition_rate(ids),
+                    "kl_sum": kl_sum,
+                }
+            )
         human[name] = [{"prompt": texts[i], "response": responses[i * s.samples_per_prompt]} for i in human_ids]
     del base_model
     records = pd.DataFrame(records)
     for judge in judges:
         records[f"{judge.role}_reward"] = score_with(judge, prompts, records, s)
     summary = summarise(records, s, judges)
-    readings = [interpret_kl(c["objective/kl_per_token"].tolist(), s.kl_low, s.kl_high, name)
-                for name, c in kl_curves.items()]  # fmt: skip
+    readings = [
+        interpret_kl(c["objective/kl_per_token"].tolist(), s.kl_low, s.kl_high, name) for name, c in kl_curves.items()
+    ]
     for name in s.policies:
         entry = summary[name]
         judge = Interval(**entry["judge_reward_gain"]) if "judge_reward_gain" in entry else None
-        readings.append(reward_hacking_reading(name, Interval(**entry["reward_gain"]), judge,
-                                               Interval(**entry["length_controlled_gain"])))
+        readings.append(
+            reward_hacking_reading(
+                name, Interval(**entry["reward_gain"]), judge, Interval(**entry["length_controlled_gain"])
+            )
+        )
         readings.append(kl_reading(name, entry["kl_to_base"], s.kl_low, s.kl_high))
-    readings += [line for name, entry in summary.items()
-                 if (line := truncation_reading(name, entry["truncated_share"], s.max_new_tokens))]  # fmt: skip
+    readings += [
+        line
+        for name, entry in summary.items()
+        if (line := truncation_reading(name, entry["truncated_share"], s.max_new_tokens))
+    ]
     return EvalResult(s, records, judges, summary, kl_curves, readings, human, system_prompt)
 
 
@@ -459,10 +531,19 @@ def score_with(judge: Judge, prompts: list, records: pd.DataFrame, s: EvalSettin
     tokenizer = load_tokenizer(judge.path, padding_side="right")
     model = load_sequence_scorer(judge.path, tokenizer.pad_token_id, trained_head=True).eval()
     require_tokenizer_fits(model, tokenizer, f"the {judge.role} reward model '{judge.path}'")
-    scores = score_responses(model, tokenizer, [prompts[i] for i in records.prompt_id], records.response.tolist(),
-                             judge.scoring["max_length"], s.batch_size, judge.scoring["min_prompt_tokens"],
-                             ended=(~records.truncated.astype(bool)).tolist()).cpu()  # fmt: skip
-    broken = pd.Series((~torch.isfinite(scores)).numpy()).groupby(records.model.to_numpy(), sort=False).agg(["sum", "size"])
+    scores = score_responses(
+        model,
+        tokenizer,
+        [prompts[i] for i in records.prompt_id],
+        records.response.tolist(),
+        judge.scoring["max_length"],
+        s.batch_size,
+        judge.scoring["min_prompt_tokens"],
+        ended=(~records.truncated.astype(bool)).tolist(),
+    ).cpu()
+    broken = (
+        pd.Series((~torch.isfinite(scores)).numpy()).groupby(records.model.to_numpy(), sort=False).agg(["sum", "size"])
+    )
     if broken["sum"].any():
         name, (count, total) = next((name, row) for name, row in broken.iterrows() if row["sum"])
         raise NonFiniteError(

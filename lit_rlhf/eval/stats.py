@@ -22,8 +22,12 @@ def bootstrap_mean_ci(values, confidence: float = 0.95, n_resamples: int = 10000
     if values.size < 2 or np.all(values == values[0]):
         return Interval(float(values.mean()), float(values.mean()), float(values.mean()))
     result = bootstrap(
-        (values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-        method="percentile", rng=np.random.default_rng(seed),
+        (values,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
     return Interval(float(values.mean()), float(result.confidence_interval.low), float(result.confidence_interval.high))
 

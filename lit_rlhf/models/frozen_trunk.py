@@ -51,9 +51,13 @@ def run_blocks(
     past = cache.get_seq_length(layer) if cache is not None else 0
     position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask = create_causal_mask(
-        config=backbone.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
-        position_ids=position_ids, layer_idx=layer,
-    )  # fmt: skip
+        config=backbone.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        cache=cache,
+        position_ids=position_ids,
+        layer_idx=layer,
+    )
     position_embeddings = backbone.rotary_emb(hidden, position_ids=position_ids)
     for block in blocks:
         hidden = block(
@@ -63,9 +67,13 @@ def run_blocks(
 
 
 def run_blocks_sharing_prompts(
-    backbone: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    prompt_tokens: torch.Tensor, blocks,
-) -> torch.Tensor:  # fmt: skip
+    backbone: nn.Module,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_tokens: torch.Tensor,
+    blocks,
+) -> torch.Tensor:
     """`run_blocks`, but rows that start with the same prompt (its first `prompt_tokens` ids) run it
     once: the prompt through the blocks with its keys/values kept, then all their continuations on
     top of it (gradients flow back through the shared keys/values). Other rows run as one batch."""
@@ -168,10 +176,16 @@ class FrozenTrunkCache:
         except Exception as error:  # safetensors raises its own types for truncated/corrupt files
             print(f"[lit_rlhf] frozen-trunk cache {path} is unreadable ({reason(error)}): rebuilding it")
             return
-        differs = [f"{key} {metadata.get(key)} -> {value}" for key, value in self.description.items()
-                   if metadata.get(key) != value]  # fmt: skip
+        differs = [
+            f"{key} {metadata.get(key)} -> {value}"
+            for key, value in self.description.items()
+            if metadata.get(key) != value
+        ]
         if differs:
-            print(f"[lit_rlhf] frozen-trunk cache {path} was built for another trunk ({'; '.join(differs)}): rebuilding it")
+            print(
+                f"[lit_rlhf] frozen-trunk cache {path} was built for another trunk ({'; '.join(differs)}): "
+                "rebuilding it"
+            )
             return
         self.stored, self.stored_keys = stored, set(stored.keys())
         print(f"[lit_rlhf] frozen-trunk cache: {len(self.stored_keys)} sequences in {path}")
@@ -206,20 +220,27 @@ class FrozenTrunkCache:
         started = last_report = last_save = time.perf_counter()
         done, estimated = 0, False
         reuse = f"; kept in {self.path} for later runs" if self.path else ""
-        print(f"[lit_rlhf] frozen-trunk cache: computing {sum(map(len, groups.values()))} sequences "
-              f"({len(groups)} prompts, {total} tokens with each prompt once): every pair of the train and "
-              f"validation splits, whatever --trainer.max_steps or limit_train_batches{reuse}")  # fmt: skip
+        print(
+            f"[lit_rlhf] frozen-trunk cache: computing {sum(map(len, groups.values()))} sequences "
+            f"({len(groups)} prompts, {total} tokens with each prompt once): every pair of the train and "
+            f"validation splits, whatever --trainer.max_steps or limit_train_batches{reuse}"
+        )
         for prompt, replies in groups.items():
             self._compute_group(torch.tensor(prompt, dtype=torch.long), replies)
             done += len(prompt) + sum(len(r) for r in replies.values())
             if not estimated and time.perf_counter() - started > 10:  # the cost before it is paid
                 estimated = True
                 rate = done / (time.perf_counter() - started)
-                print(f"[lit_rlhf] frozen-trunk cache: about {(total - done) / rate / 60:.1f} min to go "
-                      f"({rate:.0f} tokens/s)", flush=True)  # fmt: skip
+                print(
+                    f"[lit_rlhf] frozen-trunk cache: about {(total - done) / rate / 60:.1f} min to go "
+                    f"({rate:.0f} tokens/s)",
+                    flush=True,
+                )
             if time.perf_counter() - last_report > progress_every_s:
                 last_report = time.perf_counter()
-                print(f"[lit_rlhf] frozen-trunk cache: {done}/{total} tokens, {last_report - started:.0f} s", flush=True)
+                print(
+                    f"[lit_rlhf] frozen-trunk cache: {done}/{total} tokens, {last_report - started:.0f} s", flush=True
+                )
             if time.perf_counter() - last_save > save_every_s:
                 self.save()
                 last_save = time.perf_counter()
@@ -279,12 +300,18 @@ class FrozenTrunkCache:
             return
         tensors = {key: self._get(key) for key in self.stored_keys | set(self.entries)}
         try:
-            save_file_atomically(self.path, lambda temporary: save_file(tensors, str(temporary), metadata=self.description))
+            save_file_atomically(
+                self.path, lambda temporary: save_file(tensors, str(temporary), metadata=self.description)
+            )
         except OSError as error:  # a full disk, a read-only folder: the run goes on without a file
-            print(f"[lit_rlhf] could not write the frozen-trunk cache {self.path} ({reason(error)}); "
-                  "training goes on, a later run builds it again")  # fmt: skip
+            print(
+                f"[lit_rlhf] could not write the frozen-trunk cache {self.path} ({reason(error)}); "
+                "training goes on, a later run builds it again"
+            )
             return
         self.stored, self.stored_keys, self.dirty = None, set(), False
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        print(f"[lit_rlhf] frozen-trunk cache: {len(tensors)} sequences ({size / 2**30:.2f} GiB) written to "
-              f"{self.path} ({self.computed} computed, {self.reused} reads from the cache so far)")  # fmt: skip
+        print(
+            f"[lit_rlhf] frozen-trunk cache: {len(tensors)} sequences ({size / 2**30:.2f} GiB) written to "
+            f"{self.path} ({self.computed} computed, {self.reused} reads from the cache so far)"
+        )

@@ -107,11 +107,15 @@ def _not_a_model_folder(path: str, option: str, folder: Path) -> UserInputError:
         return UserInputError(f"{text} It is the reward-model stage's run folder: pass its export, '{export}'.")
     holds = f" It holds {', '.join(f'{m}/' for m in models)}: the output of another stage." if models else ""
     if "reward" in option:
-        return UserInputError(f"{text}{holds} Pass the reward_model/ folder that the reward-model stage exports into "
-                              "its run folder, e.g. runs/reward_model/reward_model.")  # fmt: skip
+        return UserInputError(
+            f"{text}{holds} Pass the reward_model/ folder that the reward-model stage exports into "
+            "its run folder, e.g. runs/reward_model/reward_model."
+        )
     if models:
-        return UserInputError(f"{text} It holds the model folder(s) {', '.join(f'{m}/' for m in models)}: pass one of "
-                              f"them, e.g. '{folder / models[0]}'.")  # fmt: skip
+        return UserInputError(
+            f"{text} It holds the model folder(s) {', '.join(f'{m}/' for m in models)}: pass one of "
+            f"them, e.g. '{folder / models[0]}'."
+        )
     return UserInputError(text)
 
 
@@ -139,7 +143,9 @@ def _unreadable_folder(kind: str, path: str, error: Exception) -> UserInputError
 
 
 def load_tokenizer(
-    model_name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False,
+    model_name_or_path: str,
+    padding_side: str = "right",
+    trust_remote_code: bool = False,
     option: str = "model_name_or_path",
 ) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (pad = eos when the model has none, as SmolLM2 does)."""

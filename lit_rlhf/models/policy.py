@@ -23,8 +23,13 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
     def config(self, task_type: str) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=0.0,
-                          target_modules=list(self.target_modules), task_type=task_type)  # fmt: skip
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=0.0,
+            target_modules=list(self.target_modules),
+            task_type=task_type,
+        )
 
 
 def peak_rss_gb() -> float:

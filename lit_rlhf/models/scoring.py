@@ -7,8 +7,15 @@ from lit_rlhf.text import batches_by_length, encode_prompt_response, pad_sequenc
 
 @torch.no_grad()
 def score_responses(
-    reward_model, tokenizer, prompts: list, responses: list[str], max_length: int, batch_size: int = 16,
-    min_prompt_tokens: int = 64, *, ended: list[bool],
+    reward_model,
+    tokenizer,
+    prompts: list,
+    responses: list[str],
+    max_length: int,
+    batch_size: int = 16,
+    min_prompt_tokens: int = 64,
+    *,
+    ended: list[bool],
 ) -> torch.Tensor:
     """Rewards (fp32, on the model's device) for each prompt/response pair.
 
@@ -24,11 +31,14 @@ def score_responses(
     last non-pad token.
     """
     device = next(reward_model.parameters()).device
-    sequences = [encode_prompt_response(tokenizer, p, r, max_length, min_prompt_tokens, bool(e))[0]
-                 for p, r, e in zip(prompts, responses, ended, strict=True)]  # fmt: skip
+    sequences = [
+        encode_prompt_response(tokenizer, p, r, max_length, min_prompt_tokens, bool(e))[0]
+        for p, r, e in zip(prompts, responses, ended, strict=True)
+    ]
     scores = torch.empty(len(sequences), device=device)
     for batch in batches_by_length([len(s) for s in sequences], batch_size):
-        input_ids, attention_mask = pad_sequences([sequences[i] for i in batch], tokenizer.pad_token_id,
-                                                  side="right", device=device)  # fmt: skip
+        input_ids, attention_mask = pad_sequences(
+            [sequences[i] for i in batch], tokenizer.pad_token_id, side="right", device=device
+        )
         scores[batch] = reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     return scores

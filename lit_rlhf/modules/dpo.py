@@ -128,8 +128,9 @@ class DPOModule(LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         """The cost the evaluation compares across methods (online methods log it per iteration)."""
-        self.log_dict({"time/step_s": time.perf_counter() - self._step_started, "perf/peak_rss_gb": peak_rss_gb()},
-                      batch_size=1)  # fmt: skip
+        self.log_dict(
+            {"time/step_s": time.perf_counter() - self._step_started, "perf/peak_rss_gb": peak_rss_gb()}, batch_size=1
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         _, metrics = self._pair_step(batch)

@@ -72,15 +72,28 @@ class GRPOModule(OnlineRLModule):
     ):
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         if num_generations < 2:
-            raise UserInputError(f"num_generations must be at least 2 (a response is compared with its siblings), not {num_generations}.")
+            raise UserInputError(
+                f"num_generations must be at least 2 (a response is compared with its siblings), not {num_generations}."
+            )
         if loss_type not in {"grpo", "bnpo"} or scale_rewards not in {"group", "batch", "none"}:
             raise UserInputError(
                 f"loss_type must be 'grpo' or 'bnpo' (got '{loss_type}') and scale_rewards 'group', 'batch' "
                 f"or 'none' (got '{scale_rewards}')."
             )
         super().__init__(
-            model_name_or_path, reward_model_path, lora, forward_batch_size, generation_batch_size, max_new_tokens,
-            temperature, missing_eos_penalty, beta, kl_target, kl_horizon_fraction, reward_max_length, trust_remote_code,
+            model_name_or_path,
+            reward_model_path,
+            lora,
+            forward_batch_size,
+            generation_batch_size,
+            max_new_tokens,
+            temperature,
+            missing_eos_penalty,
+            beta,
+            kl_target,
+            kl_horizon_fraction,
+            reward_max_length,
+            trust_remote_code,
             system_prompt=system_prompt,
         )
         self.save_hyperparameters(ignore=["optimizer"])
@@ -101,9 +114,17 @@ class GRPOModule(OnlineRLModule):
         def loss(rows, columns, width, n_sequences, n_tokens):
             kept = (rows, slice(0, width))
             out = grpo_loss(
-                self.policy_logprobs(ro, rows, columns, width), ro["logprobs"][kept], advantages[rows],
-                ro["mask"][kept], hp.epsilon_low, hp.epsilon_high, self.kl_controller.value,
-                ro["ref_logprobs"][kept], hp.loss_type, n_sequences, n_tokens,
+                self.policy_logprobs(ro, rows, columns, width),
+                ro["logprobs"][kept],
+                advantages[rows],
+                ro["mask"][kept],
+                hp.epsilon_low,
+                hp.epsilon_high,
+                self.kl_controller.value,
+                ro["ref_logprobs"][kept],
+                hp.loss_type,
+                n_sequences,
+                n_tokens,
             )
             own_mean = n_tokens / ro["mask"][kept].sum() if hp.loss_type == "bnpo" else n_sequences / len(rows)
             return out.loss, {"loss": out.loss * own_mean, "clip_ratio/region_mean": out.clipfrac, "kl": out.kl}
@@ -174,10 +195,30 @@ class RLOOModule(GRPOModule):
         if kl_in not in {"reward", "loss"}:
             raise UserInputError(f"kl_in must be 'reward' or 'loss', not '{kl_in}'.")
         super().__init__(
-            model_name_or_path, reward_model_path, lora, optimizer, num_generations, forward_batch_size,
-            generation_batch_size, mini_batch_size, num_iterations, max_new_tokens, temperature,
-            missing_eos_penalty, beta, kl_target, kl_horizon_fraction, "grpo", "none", epsilon_low, epsilon_high,
-            max_grad_norm, reward_max_length, sample_every_n_steps, trust_remote_code, system_prompt,
+            model_name_or_path,
+            reward_model_path,
+            lora,
+            optimizer,
+            num_generations,
+            forward_batch_size,
+            generation_batch_size,
+            mini_batch_size,
+            num_iterations,
+            max_new_tokens,
+            temperature,
+            missing_eos_penalty,
+            beta,
+            kl_target,
+            kl_horizon_fraction,
+            "grpo",
+            "none",
+            epsilon_low,
+            epsilon_high,
+            max_grad_norm,
+            reward_max_length,
+            sample_every_n_steps,
+            trust_remote_code,
+            system_prompt,
         )
 
     def penalised_kl(self) -> str:
@@ -197,10 +238,15 @@ class RLOOModule(GRPOModule):
             kept = (rows, slice(0, width))
             mask = ro["mask"][kept]
             logprobs = self.policy_logprobs(ro, rows, columns, width)
-            out = rloo_loss(logprobs, ro["logprobs"][kept], advantages[rows], mask, hp.epsilon_low, hp.epsilon_high, n_sequences)
+            out = rloo_loss(
+                logprobs, ro["logprobs"][kept], advantages[rows], mask, hp.epsilon_low, hp.epsilon_high, n_sequences
+            )
             total = out.loss
             if hp.kl_in == "loss":
-                total = total + self.kl_controller.value * (k3_kl(logprobs, ro["ref_logprobs"][kept]) * mask).sum() / n_sequences
+                total = (
+                    total
+                    + self.kl_controller.value * (k3_kl(logprobs, ro["ref_logprobs"][kept]) * mask).sum() / n_sequences
+                )
             return total, {"loss": total * n_sequences / len(rows), "clip_ratio/region_mean": out.clipfrac}
 
         return loss

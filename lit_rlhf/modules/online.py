@@ -103,12 +103,18 @@ class OnlineRLModule(LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only what training changes, see on_save_checkpoint
         self.tokenizer = load_tokenizer(model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
-        self.reward_tokenizer = load_tokenizer(reward_model_path, padding_side="right", trust_remote_code=trust_remote_code,
-                                               option="model.reward_model_path")  # fmt: skip
+        self.reward_tokenizer = load_tokenizer(
+            reward_model_path,
+            padding_side="right",
+            trust_remote_code=trust_remote_code,
+            option="model.reward_model_path",
+        )
         require_system_prompt_renders(self.tokenizer, system_prompt)  # before loading any weights
         self.policy, self.ref_policy = policy_and_reference(model_name_or_path, lora, trust_remote_code)
         self.reward_model = freeze(
-            load_sequence_scorer(reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code, trained_head=True)
+            load_sequence_scorer(
+                reward_model_path, self.reward_tokenizer.pad_token_id, trust_remote_code, trained_head=True
+            )
         )
         self.reward_scoring = reward_model_scoring(reward_model_path)
         if reward_max_length is not None and reward_max_length != self.reward_scoring["max_length"]:
@@ -122,9 +128,14 @@ class OnlineRLModule(LightningModule):
             AdaptiveKLController(kl_coef, kl_target, 1) if kl_target is not None else FixedKLController(kl_coef, 0.0, 1)
         )
         self.trainable_params = {"policy": count_trainable(self.policy)}
-        self.settings = dict(forward_batch_size=forward_batch_size, generation_batch_size=generation_batch_size,
-                             max_new_tokens=max_new_tokens, temperature=temperature,
-                             missing_eos_penalty=missing_eos_penalty, kl_horizon_fraction=kl_horizon_fraction)  # fmt: skip
+        self.settings = dict(
+            forward_batch_size=forward_batch_size,
+            generation_batch_size=generation_batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            missing_eos_penalty=missing_eos_penalty,
+            kl_horizon_fraction=kl_horizon_fraction,
+        )
         names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
         if lora is not None and not all("lora_" in n for n in names):
             raise AssertionError(f"LoRA variant trains non-adapter policy weights: {names[:3]}")
@@ -133,7 +144,10 @@ class OnlineRLModule(LightningModule):
         total = sum(p.numel() for p in self.policy.parameters())
         extra = "".join(f"; {name} {n:,}" for name, n in self.trainable_params.items() if name != "policy")
         variant = "LoRA" if self.hparams.lora else "full"
-        print(f"[lit_rlhf] {self.method} {variant}: trainable policy params {self.trainable_params['policy']:,} / {total:,}{extra}")
+        print(
+            f"[lit_rlhf] {self.method} {variant}: trainable policy params "
+            f"{self.trainable_params['policy']:,} / {total:,}{extra}"
+        )
 
     # ---------------------------------------------------------------- forward passes
     @staticmethod
@@ -167,8 +181,13 @@ class OnlineRLModule(LightningModule):
         """Scores read as the reward model was trained (max length, prompt budget from its export);
         a response that did not end (no EOS) is scored as the open turn it is."""
         return score_responses(
-            self.reward_model, self.reward_tokenizer, prompts, responses, self.reward_scoring["max_length"],
-            self.settings["forward_batch_size"], min_prompt_tokens=self.reward_scoring["min_prompt_tokens"],
+            self.reward_model,
+            self.reward_tokenizer,
+            prompts,
+            responses,
+            self.reward_scoring["max_length"],
+            self.settings["forward_batch_size"],
+            min_prompt_tokens=self.reward_scoring["min_prompt_tokens"],
             ended=ended,
         )
 
@@ -230,8 +249,9 @@ class OnlineRLModule(LightningModule):
         # longest prompts first (stable: a prompt's copies stay together), so generation chunks pad little
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         prompts = [texts[i] for i in order]
-        queries, query_mask = pad_sequences([ids[i] for i in order], self.tokenizer.pad_token_id, side="left",
-                                            device=self.device)  # fmt: skip
+        queries, query_mask = pad_sequences(
+            [ids[i] for i in order], self.tokenizer.pad_token_id, side="left", device=self.device
+        )
         generation = self.generation_config()
         self.policy.eval()
         responses, logprobs, entropy = [], [], []
@@ -240,7 +260,9 @@ class OnlineRLModule(LightningModule):
             start = int(m.amax(0).nonzero()[0])  # drop the columns that are padding for the whole chunk
             stats = SampledTokenStats(self.settings["temperature"])
             out = self.policy.generate(
-                input_ids=q[:, start:], attention_mask=m[:, start:], generation_config=generation,
+                input_ids=q[:, start:],
+                attention_mask=m[:, start:],
+                generation_config=generation,
                 logits_processor=LogitsProcessorList([stats]),
             )
             responses.append(out[:, q.size(1) - start :])
@@ -313,8 +335,15 @@ class OnlineRLModule(LightningModule):
     def _sum_across_ranks(self, total: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(total, reduce_op="sum") if self.trainer.world_size > 1 else total
 
-    def update(self, ro: dict, epochs: int, mini_batch_size: int | None, micro_loss: MicroLoss, max_grad_norm: float,
-               group_size: int = 1) -> dict:  # fmt: skip
+    def update(
+        self,
+        ro: dict,
+        epochs: int,
+        mini_batch_size: int | None,
+        micro_loss: MicroLoss,
+        max_grad_norm: float,
+        group_size: int = 1,
+    ) -> dict:
         """`epochs` passes over the rollout in shuffled mini-batches of `mini_batch_size` prompts (all
         their `group_size` adjacent responses together; None: the whole rollout), one optimizer step
         each, gradients accumulated over length-grouped micro-batches.
@@ -350,18 +379,30 @@ class OnlineRLModule(LightningModule):
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value.detach() * share
                 if self._sum_across_ranks(non_finite) > 0:  # all ranks stop together
-                    raise NonFiniteError(f"{self.method} loss became NaN/inf: lower the learning rate(s) or max_grad_norm.")
+                    raise NonFiniteError(
+                        f"{self.method} loss became NaN/inf: lower the learning rate(s) or max_grad_norm."
+                    )
                 for optimizer in optimizers:
                     self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
                 n_mini += 1
             if epoch == 0:  # the ratio's first pass: approx KL here is ~0 unless rollout and update differ
-                first_epoch = {f"{key}_first_epoch": value / n_mini for key, value in totals.items() if "approxkl" in key}
+                first_epoch = {
+                    f"{key}_first_epoch": value / n_mini for key, value in totals.items() if "approxkl" in key
+                }
         self._optimizer_steps_per_iteration = n_mini * len(optimizers)
         return {**{key: value / n_mini for key, value in totals.items()}, **first_epoch}
 
-    def log_iteration(self, ro: dict, kl: torch.Tensor, kl_per_token: torch.Tensor, started: float,
-                      rollout_seconds: float, metrics: dict, batch_idx: int) -> None:  # fmt: skip
+    def log_iteration(
+        self,
+        ro: dict,
+        kl: torch.Tensor,
+        kl_per_token: torch.Tensor,
+        started: float,
+        rollout_seconds: float,
+        metrics: dict,
+        batch_idx: int,
+    ) -> None:
         """The metrics every method logs (TRL's names), then the method's own, and a few samples."""
         mask = ro["mask"]
         common = {
@@ -381,7 +422,9 @@ class OnlineRLModule(LightningModule):
         self.log("objective/scores_pb", common["objective/scores"], prog_bar=True, logger=False)
         every = self.hparams.sample_every_n_steps
         if every and batch_idx % every == 0:
-            rows = [[p, t, f"{s:.3f}"] for p, t, s in zip(ro["prompts"][:4], ro["texts"][:4], ro["scores"][:4].tolist())]
+            rows = [
+                [p, t, f"{s:.3f}"] for p, t, s in zip(ro["prompts"][:4], ro["texts"][:4], ro["scores"][:4].tolist())
+            ]
             log_table(self.trainer, f"samples/{type(self).__name__}", ["prompt", "response", "score"], rows, echo=False)
 
     # ---------------------------------------------------------------- checkpoints and export

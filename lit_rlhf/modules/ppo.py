@@ -12,8 +12,8 @@ import time
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from pydantic import NonNegativeInt, PositiveInt
 from peft import PeftModel, get_peft_model
+from pydantic import NonNegativeInt, PositiveInt
 
 from lit_rlhf.errors import UserInputError
 from lit_rlhf.models.hf import DEFAULT_MODEL, load_sequence_scorer, load_tokenizer
@@ -92,14 +92,27 @@ class PPOModule(OnlineRLModule):
         if kl_estimator not in {"k1", "k3"}:
             raise UserInputError(f"kl_estimator must be 'k1' or 'k3', not '{kl_estimator}'.")
         super().__init__(
-            model_name_or_path, reward_model_path, lora, forward_batch_size, generation_batch_size, max_new_tokens,
-            temperature, missing_eos_penalty, init_kl_coef, kl_target, kl_horizon_fraction, reward_max_length,
-            trust_remote_code, system_prompt=system_prompt,
+            model_name_or_path,
+            reward_model_path,
+            lora,
+            forward_batch_size,
+            generation_batch_size,
+            max_new_tokens,
+            temperature,
+            missing_eos_penalty,
+            init_kl_coef,
+            kl_target,
+            kl_horizon_fraction,
+            reward_max_length,
+            trust_remote_code,
+            system_prompt=system_prompt,
         )
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.policy_optimizer, self.value_optimizer = policy_optimizer, value_optimizer
         self._require_critic_reads_policy_ids(value_model_path, trust_remote_code)
-        critic = load_sequence_scorer(value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code)
+        critic = load_sequence_scorer(
+            value_model_path or reward_model_path, self.tokenizer.pad_token_id, trust_remote_code
+        )
         self.critic = get_peft_model(critic, critic_lora.config("SEQ_CLS")) if critic_lora else critic
         self.trainable_params["critic"] = count_trainable(self.critic)
         self.describe_trainable()
@@ -138,7 +151,9 @@ class PPOModule(OnlineRLModule):
         ro["values"] = torch.zeros_like(ro["mask"])
         all_rows = torch.arange(ro["mask"].size(0), device=ro["mask"].device)
         for rows, columns, width in self._micro_batches(all_rows, ro["attention_mask"], ro["query_width"]):
-            ro["values"][rows, :width] = self._values(ro["sequences"][rows, columns], ro["attention_mask"][rows, columns], width)
+            ro["values"][rows, :width] = self._values(
+                ro["sequences"][rows, columns], ro["attention_mask"][rows, columns], width
+            )
         ro["scores"] = self.scores(ro)
         return ro
 
@@ -174,11 +189,18 @@ class PPOModule(OnlineRLModule):
             new_logprobs = self.policy_logprobs(ro, rows, columns, width)
             pl = ppo_policy_loss(new_logprobs, ro["logprobs"][kept], advantages[kept], m, hp.clip_range, n_tokens)
             new_values = self._values(ro["sequences"][rows, columns], ro["attention_mask"][rows, columns], width)
-            vl, v_clipfrac = ppo_value_loss(new_values, ro["values"][kept], returns[kept], m, hp.clip_range_value, n_tokens)
+            vl, v_clipfrac = ppo_value_loss(
+                new_values, ro["values"][kept], returns[kept], m, hp.clip_range_value, n_tokens
+            )
             token_mean = n_tokens / m.sum().clamp(min=1)  # the micro-batch's own token means, for the statistics
-            stats = {"policy/approxkl_avg": pl.approxkl, "policy/clipfrac_avg": pl.clipfrac,
-                     "loss/policy_avg": pl.loss * token_mean, "loss/value_avg": vl * token_mean,
-                     "val/clipfrac_avg": v_clipfrac, "val/ratio": pl.ratio}  # fmt: skip
+            stats = {
+                "policy/approxkl_avg": pl.approxkl,
+                "policy/clipfrac_avg": pl.clipfrac,
+                "loss/policy_avg": pl.loss * token_mean,
+                "loss/value_avg": vl * token_mean,
+                "val/clipfrac_avg": v_clipfrac,
+                "val/ratio": pl.ratio,
+            }
             return pl.loss + vl, stats
 
         return self.update(ro, hp.ppo_epochs, hp.mini_batch_size, micro_loss, hp.max_grad_norm)

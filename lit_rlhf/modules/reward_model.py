@@ -43,11 +43,17 @@ from lit_rlhf.tables import log_table, markdown_table, run_dir
 # bucket edges of `test/accuracy_ratio_*` (SHP's score ratios: chosen score / rejected score)
 SCORE_RATIO_EDGES = (2.0, 3.0, 5.0, 10.0)
 # test-report rows: (metric prefix, label) and subsets: (metric suffix, label)
-METHODS = (("accuracy", "reward model"), ("baseline_longer_reply", "longer reply wins (characters)"),
-           ("baseline_zero_shot_logprob", "zero-shot mean log-prob of the base model"))  # fmt: skip
+METHODS = (
+    ("accuracy", "reward model"),
+    ("baseline_longer_reply", "longer reply wins (characters)"),
+    ("baseline_zero_shot_logprob", "zero-shot mean log-prob of the base model"),
+)
 ODIN_METHODS = (("accuracy_quality", "quality output alone"), ("accuracy_length", "length output alone"))
-SUBSETS = (("", "all pairs"), ("_chosen_shorter", "chosen is the shorter reply"),
-           ("_chosen_longer", "chosen is the longer reply"))  # fmt: skip
+SUBSETS = (
+    ("", "all pairs"),
+    ("_chosen_shorter", "chosen is the shorter reply"),
+    ("_chosen_longer", "chosen is the longer reply"),
+)
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -91,26 +97,38 @@ def grouped_bootstrap_interval(
     if len(sums) < 2 or np.all(values == values[0]):
         return mean, mean, mean
     result = bootstrap(
-        (sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
-        confidence_level=confidence, n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed),
-    )  # fmt: skip
+        (sums, counts),
+        lambda s, c, axis=-1: s.sum(axis) / c.sum(axis),
+        paired=True,
+        vectorized=True,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 @torch.no_grad()
 def mean_response_logprob(
-    lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    response_start: torch.Tensor, chunk: int = 1024,
-) -> torch.Tensor:  # fmt: skip
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: torch.Tensor,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Per row, the mean log-prob of its tokens from `response_start` on given all tokens before
     them, from the causal LM's final hidden states (the head runs on those positions only)."""
     positions = torch.arange(1, input_ids.shape[1], device=input_ids.device)
     scored = (positions >= response_start.clamp(min=1)[:, None]) & (positions < attention_mask.sum(-1)[:, None])
     states, tokens = hidden[:, :-1][scored], input_ids[:, 1:][scored]
-    logprob = torch.cat([
-        torch.log_softmax(lm_head(s).float(), -1).gather(-1, t[:, None]).squeeze(-1)
-        for s, t in zip(states.split(chunk), tokens.split(chunk))
-    ])  # fmt: skip
+    logprob = torch.cat(
+        [
+            torch.log_softmax(lm_head(s).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+            for s, t in zip(states.split(chunk), tokens.split(chunk))
+        ]
+    )
     sums = torch.zeros(len(input_ids), device=logprob.device).index_add_(0, scored.nonzero()[:, 0], logprob)
     return sums / scored.sum(-1).clamp(min=1)
 
@@ -225,7 +243,9 @@ class RewardModel(LightningModule):
             self.val_quality_accuracy, self.val_length_corr = BinaryAccuracy(), PearsonCorrCoef(num_outputs=2)
         self.test_loss, self.test_margin, self.test_accuracy = MeanMetric(), MeanMetric(), BinaryAccuracy()
         self.test_correct, self.test_score_ratio, self.test_domain_id = (
-            CatMetric(), CatMetric(nan_strategy="disable"), CatMetric()
+            CatMetric(),
+            CatMetric(nan_strategy="disable"),
+            CatMetric(),
         )
         self.domain_names: dict[int, str] = {}  # domain_id -> name, as the test batches carry them
         # per test pair: the baselines' verdicts (ties count one half), its replies' characters [chosen, rejected],
@@ -246,7 +266,9 @@ class RewardModel(LightningModule):
         if self.hparams.trunk_cache_path is not None and self.trainer.world_size == 1:
             path = Path(self.hparams.trunk_cache_path)
             path = path if path.is_absolute() else Path(self.trainer.default_root_dir) / path
-        self.trunk_cache = FrozenTrunkCache(self.model.base_model, self.frozen_blocks, path, str(self.trainer.precision))
+        self.trunk_cache = FrozenTrunkCache(
+            self.model.base_model, self.frozen_blocks, path, str(self.trainer.precision)
+        )
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_tokens: torch.Tensor | None = None
@@ -272,7 +294,9 @@ class RewardModel(LightningModule):
         blocks = backbone.layers[self.frozen_blocks :]
         if prompt_tokens is None or self.hparams.gradient_checkpointing:
             return backbone.norm(run_blocks(backbone, hidden, attention_mask, blocks))
-        return backbone.norm(run_blocks_sharing_prompts(backbone, hidden, input_ids, attention_mask, prompt_tokens, blocks))
+        return backbone.norm(
+            run_blocks_sharing_prompts(backbone, hidden, input_ids, attention_mask, prompt_tokens, blocks)
+        )
 
     def _pair_outputs(self, batch) -> dict[str, torch.Tensor]:
         """`loss`, `diff` (chosen minus rejected reward per pair) and `rewards` (per sequence; ODIN:
@@ -338,8 +362,13 @@ class RewardModel(LightningModule):
             metric.reset()
         if self.odin:
             quality_corr, length_corr = self.val_length_corr.compute()
-            self.log_dict({"val/accuracy_quality": self.val_quality_accuracy.compute(),
-                           "val/length_corr_quality": quality_corr, "val/length_corr_length": length_corr})  # fmt: skip
+            self.log_dict(
+                {
+                    "val/accuracy_quality": self.val_quality_accuracy.compute(),
+                    "val/length_corr_quality": quality_corr,
+                    "val/length_corr_length": length_corr,
+                }
+            )
             self.val_quality_accuracy.reset()
             self.val_length_corr.reset()
         self._last_batch_end = None
@@ -375,8 +404,10 @@ class RewardModel(LightningModule):
             model.base_model, self.frozen_blocks, str(self.trainer.precision)
         )
         self._baseline = (model, shares)
-        print(f"[lit_rlhf] zero-shot baseline: mean response log-prob under {base}"
-              + (" (sharing the cached frozen trunk)" if shares else ""))  # fmt: skip
+        print(
+            f"[lit_rlhf] zero-shot baseline: mean response log-prob under {base}"
+            + (" (sharing the cached frozen trunk)" if shares else "")
+        )
 
     def on_test_end(self) -> None:
         self._baseline = None
@@ -437,10 +468,19 @@ class RewardModel(LightningModule):
         if groups:
             rows = [[name, n, f"{acc.item():.3f}"] for name, (n, acc) in groups.items()]
             log_table(self.trainer, "test/reward_model_groups", ["group", "pairs", "accuracy"], rows)
-        for metric in (self.test_loss, self.test_accuracy, self.test_margin, self.test_correct,
-                       self.test_score_ratio, self.test_domain_id, self.test_length_correct,
-                       self.test_logprob_correct, self.test_chars, self.test_post_index,
-                       self.test_rewards):  # fmt: skip
+        for metric in (
+            self.test_loss,
+            self.test_accuracy,
+            self.test_margin,
+            self.test_correct,
+            self.test_score_ratio,
+            self.test_domain_id,
+            self.test_length_correct,
+            self.test_logprob_correct,
+            self.test_chars,
+            self.test_post_index,
+            self.test_rewards,
+        ):
             metric.reset()
         self.domain_names.clear()
 
@@ -452,20 +492,28 @@ class RewardModel(LightningModule):
         `<default_root_dir>/test_accuracy.md`."""
         rewards = self.test_rewards.compute().cpu().numpy()  # [pairs, chosen/rejected, outputs]
         chars = self.test_chars.compute().cpu().numpy()
-        verdicts = [correct.cpu().numpy(), self.test_length_correct.compute().cpu().numpy(),
-                    self.test_logprob_correct.compute().cpu().numpy()]  # fmt: skip
+        verdicts = [
+            correct.cpu().numpy(),
+            self.test_length_correct.compute().cpu().numpy(),
+            self.test_logprob_correct.compute().cpu().numpy(),
+        ]
         # (metric prefix, label, per-pair verdicts, per-reply rewards or None)
         label = f"{METHODS[0][1]} (quality + length)" if self.odin else METHODS[0][1]
         methods = [(METHODS[0][0], label, verdicts[0], rewards.sum(-1))]
         if self.odin:
-            methods += [(*ODIN_METHODS[i], (rewards[:, 0, i] > rewards[:, 1, i]).astype(float), rewards[..., i])
-                        for i in range(2)]  # fmt: skip
+            methods += [
+                (*ODIN_METHODS[i], (rewards[:, 0, i] > rewards[:, 1, i]).astype(float), rewards[..., i])
+                for i in range(2)
+            ]
         methods += [(*method, values, None) for method, values in zip(METHODS[1:], verdicts[1:])]
         posts, domains = self.test_post_index.compute().cpu().numpy(), self.test_domain_id.compute().cpu().numpy()
         metrics, tables = {}, []
         groups = [("", None, np.ones(len(chars), dtype=bool))]
-        groups += [(f"{name}/", name, domains == index) for index, name in sorted(self.domain_names.items())
-                   if index >= 0 and (domains == index).any()]  # fmt: skip
+        groups += [
+            (f"{name}/", name, domains == index)
+            for index, name in sorted(self.domain_names.items())
+            if index >= 0 and (domains == index).any()
+        ]
         for key, name, group in groups:
             group_metrics, columns, table = _method_table(methods, chars[group], posts[group], group)
             metrics.update({f"test/{key}{metric}": value for metric, value in group_metrics.items()})
@@ -477,8 +525,12 @@ class RewardModel(LightningModule):
         text = f"{markdown_table(columns, table)}\n"
         if len(tables) > 1:
             rows = [[name, *row] for name, _, table in tables[1:] for row in table]
-            source_columns = ["source (pairs: chosen shorter / longer)", "method",
-                              *(label for _, label in SUBSETS), "Pearson r with length"]  # fmt: skip
+            source_columns = [
+                "source (pairs: chosen shorter / longer)",
+                "method",
+                *(label for _, label in SUBSETS),
+                "Pearson r with length",
+            ]
             log_table(self.trainer, "test/reward_model_accuracy_per_source", source_columns, rows)
             text += f"\n## Per source\n\n{markdown_table(source_columns, rows)}\n"
         if self.trainer.is_global_zero:
@@ -582,13 +634,15 @@ def _method_table(methods, chars: np.ndarray, posts: np.ndarray, group: np.ndarr
                 cells.append("-")
                 continue
             mean, low, high = grouped_bootstrap_interval(values[mask], posts[mask])
-            metrics.update({f"{prefix}{suffix}": mean, f"{prefix}{suffix}_ci_low": low,
-                            f"{prefix}{suffix}_ci_high": high})  # fmt: skip
+            metrics.update(
+                {f"{prefix}{suffix}": mean, f"{prefix}{suffix}_ci_low": low, f"{prefix}{suffix}_ci_high": high}
+            )
             cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
         if rewards is not None and len(difference) > 1:
             name = "length_corr" + prefix.removeprefix("accuracy")
-            r = pearson_corrcoef(torch.from_numpy(rewards[group].reshape(-1)).double(),
-                                 torch.from_numpy(chars.reshape(-1)).double())  # fmt: skip
+            r = pearson_corrcoef(
+                torch.from_numpy(rewards[group].reshape(-1)).double(), torch.from_numpy(chars.reshape(-1)).double()
+            )
             metrics[name] = float(r)
             cells.append(f"{float(r):+.3f}")
         else:

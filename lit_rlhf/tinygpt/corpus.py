@@ -61,9 +61,13 @@ def read_local(path: str) -> dict[str, str]:
 
 
 def read_hub(path: str, name: str | None) -> dict[str, str]:
-    dataset = load_hub_dataset(path, "Pass a local copy with --data.path <folder or file> (e.g. a folder with "
-                               "wiki.test.raw; CI uses $LIT_RLHF_DATA/wikitext-2-raw) or the offline text "
-                               f"--data.path {PYDOC_TOPICS}.", name)  # fmt: skip
+    dataset = load_hub_dataset(
+        path,
+        "Pass a local copy with --data.path <folder or file> (e.g. a folder with "
+        "wiki.test.raw; CI uses $LIT_RLHF_DATA/wikitext-2-raw) or the offline text "
+        f"--data.path {PYDOC_TOPICS}.",
+        name,
+    )
     return {split: "".join(dataset[split]["text"]) for split in dataset}
 
 

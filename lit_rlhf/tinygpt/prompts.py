@@ -40,4 +40,6 @@ class PromptsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each item (the prompt list) is already a batch
-        return resumable_loader(RepeatedPrompts(self.hparams.prompts, self.hparams.steps_per_epoch), None, shuffle=False)
+        return resumable_loader(
+            RepeatedPrompts(self.hparams.prompts, self.hparams.steps_per_epoch), None, shuffle=False
+        )

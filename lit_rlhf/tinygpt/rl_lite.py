@@ -104,8 +104,12 @@ class RLLiteModule(TinyGPTModule):
             rows += [[prompt, t, f"{r:.3f}"] for t, r in zip(texts[:2], rewards[:2].tolist())]
         logprobs, advantages, mask, entropy, kl = (torch.cat(parts) for parts in zip(*stats))
         rewards = torch.cat(rewards_all)
-        require_finite("train/reward", rewards, self.global_step,
-                       "Check the reward settings (target_len, length_weight, partial_credit).")
+        require_finite(
+            "train/reward",
+            rewards,
+            self.global_step,
+            "Check the reward settings (target_len, length_weight, partial_credit).",
+        )
         loss = reinforce_loss(logprobs, advantages, mask, entropy, kl, hp.entropy_coef, hp.kl_coef)
         require_finite("train/loss", loss, self.global_step)
         n = len(texts_all)

@@ -6,17 +6,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from preference_fixtures import write_jsonl
 
 from lit_rlhf.data.oasst1 import oasst1_preference_pairs, read_oasst1_rows
 from lit_rlhf.errors import UserInputError
-from preference_fixtures import write_jsonl
 
 SCRIPT = str(Path(__file__).resolve().parents[2] / "scripts" / "oasst1_to_pairs.py")
 
 
 def message(mid, parent, role, text, rank=None, tree="t1", deleted=False):
-    return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank,
-            "message_tree_id": tree, "deleted": deleted, "lang": "en"}  # fmt: skip
+    return {
+        "message_id": mid,
+        "parent_id": parent,
+        "role": role,
+        "text": text,
+        "rank": rank,
+        "message_tree_id": tree,
+        "deleted": deleted,
+        "lang": "en",
+    }
 
 
 ROWS = [
@@ -38,10 +46,16 @@ def test_pairs_from_ranked_siblings_lower_rank_preferred():
 
     stats = Counter()
     pairs = oasst1_preference_pairs(ROWS, stats)
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("4.", "Probably 5."), ("4.", "Who knows."), ("Probably 5.", "Who knows.")]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("4.", "Probably 5."),
+        ("4.", "Who knows."),
+        ("Probably 5.", "Who knows."),
+    ]
     assert pairs[0]["prompt"] == [{"role": "user", "content": "What is 2+2?"}]
     assert pairs[0]["post_id"] == "q" and pairs[0]["message_tree_id"] == "t1"
-    assert stats == Counter({"pairs": 3, "skipped: identical replies": 1, "skipped: conversation history incomplete": 1})
+    assert stats == Counter(
+        {"pairs": 3, "skipped: identical replies": 1, "skipped: conversation history incomplete": 1}
+    )
 
 
 def test_follow_up_prompts_keep_the_conversation():
@@ -76,7 +90,12 @@ def test_a_folder_of_both_real_oasst1_files_is_read_file_by_file(data_root, tmp_
 
 def test_script_writes_disjoint_seeded_splits(tmp_path, monkeypatch, capsys):
     trees = [
-        dict(r, message_tree_id=f"t{k}", message_id=f"{r['message_id']}{k}", parent_id=r["parent_id"] and f"{r['parent_id']}{k}")
+        dict(
+            r,
+            message_tree_id=f"t{k}",
+            message_id=f"{r['message_id']}{k}",
+            parent_id=r["parent_id"] and f"{r['parent_id']}{k}",
+        )
         for k in range(10)
         for r in ROWS[:4]
     ]
@@ -89,7 +108,9 @@ def test_script_writes_disjoint_seeded_splits(tmp_path, monkeypatch, capsys):
         rows = [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
         trees[split] = {r["message_tree_id"] for r in rows}
         assert rows and {"prompt", "chosen", "rejected"} <= set(rows[0])
-    assert not (trees["train"] & trees["validation"] or trees["train"] & trees["test"] or trees["validation"] & trees["test"])
+    assert not (
+        trees["train"] & trees["validation"] or trees["train"] & trees["test"] or trees["validation"] & trees["test"]
+    )
     assert sum(len(t) for t in trees.values()) == 10 and "wrote" in capsys.readouterr().out
 
 
@@ -102,15 +123,26 @@ def test_bad_source_is_a_user_input_error(tmp_path):
 
 def test_script_pools_several_sources_and_refuses_overlapping_ones(tmp_path, monkeypatch, capsys):
     def tree(k):
-        return [dict(r, message_tree_id=f"{k}", message_id=f"{r['message_id']}{k}",
-                     parent_id=r["parent_id"] and f"{r['parent_id']}{k}") for r in ROWS[:4]]  # fmt: skip
+        return [
+            dict(
+                r,
+                message_tree_id=f"{k}",
+                message_id=f"{r['message_id']}{k}",
+                parent_id=r["parent_id"] and f"{r['parent_id']}{k}",
+            )
+            for r in ROWS[:4]
+        ]
 
     first = write_jsonl(tmp_path / "a.jsonl", [row for k in range(6) for row in tree(f"a{k}")])
     second = write_jsonl(tmp_path / "b.jsonl", [row for k in range(4) for row in tree(f"b{k}")])
     out = tmp_path / "pairs"
     monkeypatch.setattr(sys, "argv", [SCRIPT, str(first), str(second), str(out), "--split", "0.6", "0.2", "0.2"])
     runpy.run_path(SCRIPT, run_name="__main__")
-    rows = [json.loads(line) for split in ("train", "validation", "test") for line in (out / f"{split}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for split in ("train", "validation", "test")
+        for line in (out / f"{split}.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 10 * 3 and {r["message_tree_id"][0] for r in rows} == {"a", "b"}
     assert all(r["post_id"] == f"q{r['message_tree_id']}" for r in rows)  # the prompter message's id
     monkeypatch.setattr(sys, "argv", [SCRIPT, str(first), str(first), str(out)])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import config_args
+from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 from lit_rlhf.artifacts import REWARD_MODEL_INFO, read_eval_prompts
 from lit_rlhf.cli import LitRLHFCLI
@@ -14,7 +15,6 @@ from lit_rlhf.data.oasst1 import read_oasst1_rows
 from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule, split_prompts
 from lit_rlhf.models.hf import load_tokenizer
 from lit_rlhf.text import chat_prompt_ids
-from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = "oasst1/oasst1_validation_en.jsonl"
@@ -100,15 +100,21 @@ def test_evaluation_prompts_skip_what_the_reward_model_saw(data_root, tmp_path, 
     seen_post = next(p["message_id"] for p in before if p["message_tree_id"] not in seen_trees)  # ...and one post
     assert sum(p["message_tree_id"] in seen_trees for p in before) > 10  # the overlap without the exclusion
 
-    data = OASST1PromptDataModule(path=str(data_root / VALIDATION), tokenizer_name_or_path=str(smol_tokenizer_dir),
-                                  reward_model_path=str(reward_model_export(tmp_path / "rm", seen_trees, {seen_post})),
-                                  num_train_prompts=20, num_eval_prompts=50, max_prompt_length=64)
+    data = OASST1PromptDataModule(
+        path=str(data_root / VALIDATION),
+        tokenizer_name_or_path=str(smol_tokenizer_dir),
+        reward_model_path=str(reward_model_export(tmp_path / "rm", seen_trees, {seen_post})),
+        num_train_prompts=20,
+        num_eval_prompts=50,
+        max_prompt_length=64,
+    )
     data.setup("fit")
     evaluation = data.eval_prompts
     assert len(evaluation) == 50
     assert not any(p["message_tree_id"] in seen_trees or p["message_id"] == seen_post for p in evaluation)
-    excluded = sum(r["role"] == "prompter" and r["parent_id"] is None and r["message_tree_id"] in seen_trees
-                   for r in rows) + 1
+    excluded = (
+        sum(r["role"] == "prompter" and r["parent_id"] is None and r["message_tree_id"] in seen_trees for r in rows) + 1
+    )
     assert f"{excluded} prompts the reward model saw, kept out of evaluation" in capsys.readouterr().out
     # too few unseen trees: fewer evaluation prompts, and the log says why
     data.hparams.reward_model_path = str(reward_model_export(tmp_path / "rm2", set(trees[:-5]), set()))
@@ -123,13 +129,24 @@ def test_cli_links_the_reward_model_path_into_the_prompt_data(data_root, tmp_pat
     rows = read_oasst1_rows(str(data_root / VALIDATION))
     trees = {r["message_tree_id"] for r in rows}
     reward_model_export(reward, set(sorted(trees)[:100]), set())
-    cli = LitRLHFCLI(args=[
-        *config_args("ppo_lora"), "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.logger", "false", "--model.model_name_or_path", str(policy),
-        "--model.reward_model_path", str(reward),
-        "--data.path", str(data_root / VALIDATION), 
-        "--data.num_eval_prompts", "40",
-    ], run=False)
+    cli = LitRLHFCLI(
+        args=[
+            *config_args("ppo_lora"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.logger",
+            "false",
+            "--model.model_name_or_path",
+            str(policy),
+            "--model.reward_model_path",
+            str(reward),
+            "--data.path",
+            str(data_root / VALIDATION),
+            "--data.num_eval_prompts",
+            "40",
+        ],
+        run=False,
+    )
     assert cli.datamodule.hparams.reward_model_path == str(reward)
     cli.datamodule.trainer = cli.trainer
     cli.datamodule.setup("fit")

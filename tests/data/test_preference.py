@@ -77,10 +77,16 @@ def test_generic_pairs_string_and_chat_prompts(tmp_path, smol_tokenizer_dir):
     dm.prepare(("train", "validation"))
     assert "<|im_start|>user\nplain string prompt<|im_end|>" in decoded(dm, "train")[0]
     chat = [
-        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": "Shorter please."}],
-         "chosen": "Hi.", "rejected": "Greetings to you, dear user."}
-    ]  # fmt: skip
+        {
+            "prompt": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Shorter please."},
+            ],
+            "chosen": "Hi.",
+            "rejected": "Greetings to you, dear user.",
+        }
+    ]
     dm = datamodule(write_jsonl(tmp_path / "chat" / "test.jsonl", chat), smol_tokenizer_dir)
     dm.prepare(("test",))
     text = decoded(dm, "test")[0]
@@ -96,10 +102,16 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_response_start(t
     assert len(ids) == 64 and ids[-len(response_ids) :] == response_ids
     text = tokenizer.decode(ids)
     assert "START" not in text and "END OF QUESTION?<|im_end|>\n<|im_start|>assistant\nThe answer begins" in text
-    assert {flag: flags[flag] for flag in CUT_FLAGS} == {"prompt_cut": True, "prompt_over_max_length": True, "response_cut": False}
+    assert {flag: flags[flag] for flag in CUT_FLAGS} == {
+        "prompt_cut": True,
+        "prompt_over_max_length": True,
+        "response_cut": False,
+    }
     head, _ = render_prompt_response(tokenizer, prompt, response)
     assert flags["prompt_tokens"] == 64 - len(response_ids)  # the response starts right after the kept prompt
-    assert flags["untruncated_tokens"] == len(tokenizer(head, add_special_tokens=False)["input_ids"]) + len(response_ids)
+    assert flags["untruncated_tokens"] == len(tokenizer(head, add_special_tokens=False)["input_ids"]) + len(
+        response_ids
+    )
     # A response longer than max_length - min_prompt_tokens keeps its start and loses its end.
     ids, flags = encode_prompt_response(tokenizer, "Q?", "First words. " + "more " * 400, 96, min_prompt_tokens=32)
     assert len(ids) <= 96 and flags["response_cut"] and not flags["prompt_cut"]
@@ -111,8 +123,9 @@ def test_both_sides_of_a_pair_share_the_identical_prompt_tokens(tmp_path, smol_t
     the longer side leaves, so DPO compares two log-probs given the same prompt (not two cuts of it)."""
     prompt = "START " + "filler words " * 200 + "END?"
     row = {"prompt": prompt, "chosen": "Short.", "rejected": "A much longer reply that goes on. " * 8}
-    dm = datamodule(write_jsonl(tmp_path / "long" / "test.jsonl", [row]), smol_tokenizer_dir, max_length=128,
-                    min_prompt_tokens=32)  # fmt: skip
+    dm = datamodule(
+        write_jsonl(tmp_path / "long" / "test.jsonl", [row]), smol_tokenizer_dir, max_length=128, min_prompt_tokens=32
+    )
     dm.prepare(("test",))
     pair = dm.datasets["test"][0]
     chosen, rejected = pair["chosen_ids"], pair["rejected_ids"]
@@ -139,7 +152,10 @@ def test_bad_input_raises_user_input_error(tmp_path, smol_tokenizer_dir):
     missing = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserInputError, match="neither SHP's"):
         datamodule(missing, smol_tokenizer_dir).prepare()
-    no_history = write_jsonl(tmp_path / "shp_missing.jsonl", [{k: v for k, v in shp_row("p", 0, "askvet", "train", 3.0, True).items() if k != "history"}])
+    no_history = write_jsonl(
+        tmp_path / "shp_missing.jsonl",
+        [{k: v for k, v in shp_row("p", 0, "askvet", "train", 3.0, True).items() if k != "history"}],
+    )
     with pytest.raises(UserInputError, match="neither SHP's"):
         datamodule(no_history, smol_tokenizer_dir).prepare()
     low = write_jsonl(tmp_path / "low" / "train.jsonl", [shp_row("p", 0, "askvet", "train", 1.2, True)])
@@ -180,7 +196,9 @@ def test_batches_put_chosen_and_rejected_in_one_padded_tensor(tmp_path, smol_tok
     # per row: where the response starts and its untruncated characters; per pair: its post
     head, _ = render_prompt_response(dm.tokenizer, first["prompt"], first["chosen"])
     assert batch["prompt_tokens"][0] == len(dm.tokenizer(head, add_special_tokens=False)["input_ids"])
-    assert batch["response_chars"].tolist()[0] == len(first["chosen"]) and batch["response_chars"].tolist()[4] == len(first["rejected"])
+    assert batch["response_chars"].tolist()[0] == len(first["chosen"]) and batch["response_chars"].tolist()[4] == len(
+        first["rejected"]
+    )
     posts = sorted(set(dm.datasets["validation"]["post_id"]))
     assert batch["post_index"].tolist()[0] == posts.index(first["post_id"])
 
@@ -239,35 +257,82 @@ def _oasst1_rows(n_trees: int) -> list[dict]:
     """oasst1 message rows: per tree a question with three ranked replies (three pairs)."""
     rows = []
     for t in range(n_trees):
-        rows.append({"message_id": f"q{t}", "parent_id": None, "role": "prompter", "text": f"Question {t}?",
-                     "rank": None, "message_tree_id": f"tree{t}", "lang": "en"})  # fmt: skip
+        rows.append(
+            {
+                "message_id": f"q{t}",
+                "parent_id": None,
+                "role": "prompter",
+                "text": f"Question {t}?",
+                "rank": None,
+                "message_tree_id": f"tree{t}",
+                "lang": "en",
+            }
+        )
         for rank, text in enumerate(("A clear, helpful answer.", "A vague answer.", "No.")):
-            rows.append({"message_id": f"a{t}_{rank}", "parent_id": f"q{t}", "role": "assistant", "text": f"{text} {t}",
-                         "rank": rank, "message_tree_id": f"tree{t}", "lang": "en"})  # fmt: skip
+            rows.append(
+                {
+                    "message_id": f"a{t}_{rank}",
+                    "parent_id": f"q{t}",
+                    "role": "assistant",
+                    "text": f"{text} {t}",
+                    "rank": rank,
+                    "message_tree_id": f"tree{t}",
+                    "lang": "en",
+                }
+            )
     return rows
 
 
 def _chat_pairs(n_conversations: int, turns: int = 2) -> list[dict]:
     """Pairs whose conversations come `turns` at a time from one opening question (HH-style)."""
-    return [{"prompt": [{"role": "user", "content": f"Opening {c}"}, {"role": "assistant", "content": "Sure."},
-                        {"role": "user", "content": f"Follow-up {k}"}],
-             "chosen": f"Helpful reply {c}.{k}", "rejected": f"Unhelpful {c}.{k}", "post_id": f"hh-{c}-{k}",
-             "domain": "ignored"} for c in range(n_conversations) for k in range(turns)]  # fmt: skip
+    return [
+        {
+            "prompt": [
+                {"role": "user", "content": f"Opening {c}"},
+                {"role": "assistant", "content": "Sure."},
+                {"role": "user", "content": f"Follow-up {k}"},
+            ],
+            "chosen": f"Helpful reply {c}.{k}",
+            "rejected": f"Unhelpful {c}.{k}",
+            "post_id": f"hh-{c}-{k}",
+            "domain": "ignored",
+        }
+        for c in range(n_conversations)
+        for k in range(turns)
+    ]
 
 
 def sources_module(tmp_path, smol_tokenizer_dir, **kwargs) -> PreferenceDataModule:
     write_jsonl(tmp_path / "oasst" / "a_validation.jsonl", _oasst1_rows(12))  # oasst1's own split name: ignored
     write_jsonl(tmp_path / "oasst_more.jsonl", _oasst1_rows(20)[48:])
     write_jsonl(tmp_path / "hh" / "pairs.jsonl", _chat_pairs(30))
-    write_jsonl(tmp_path / "instructions.jsonl", [{"prompt": f"Instruction {i % 10}", "chosen": row["chosen"],
-                                                   "rejected": row["rejected"], "post_id": f"panda-{i}"}
-                                                  for i, row in enumerate(separable_pairs(40))])  # fmt: skip
-    sources = [{"domain": "oasst1", "path": [str(tmp_path / "oasst"), str(tmp_path / "oasst_more.jsonl")]},
-               {"domain": "hh", "path": str(tmp_path / "hh")},
-               {"domain": "panda", "path": str(tmp_path / "instructions.jsonl")}]  # fmt: skip
+    write_jsonl(
+        tmp_path / "instructions.jsonl",
+        [
+            {
+                "prompt": f"Instruction {i % 10}",
+                "chosen": row["chosen"],
+                "rejected": row["rejected"],
+                "post_id": f"panda-{i}",
+            }
+            for i, row in enumerate(separable_pairs(40))
+        ],
+    )
+    sources = [
+        {"domain": "oasst1", "path": [str(tmp_path / "oasst"), str(tmp_path / "oasst_more.jsonl")]},
+        {"domain": "hh", "path": str(tmp_path / "hh")},
+        {"domain": "panda", "path": str(tmp_path / "instructions.jsonl")},
+    ]
     kwargs.setdefault("min_score_ratio", None)
-    return PreferenceDataModule(sources=sources, tokenizer_name_or_path=str(smol_tokenizer_dir), max_length=96,
-                                min_prompt_tokens=16, val_fraction=0.2, test_fraction=0.2, **kwargs)  # fmt: skip
+    return PreferenceDataModule(
+        sources=sources,
+        tokenizer_name_or_path=str(smol_tokenizer_dir),
+        max_length=96,
+        min_prompt_tokens=16,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        **kwargs,
+    )
 
 
 def test_sources_are_each_split_by_conversation_and_keep_their_domain(tmp_path, smol_tokenizer_dir, capsys):

@@ -42,8 +42,9 @@ def test_loads_through_medmnist_classes(tmp_path, monkeypatch, flag, channels, l
 def test_splits_from_config_and_size_64(tmp_path):
     write_tiny_medmnist(tmp_path, "dermamnist", n_train=20, n_val=12, n_test=4, size=64)
     assert (tmp_path / "dermamnist_64.npz").exists()
-    dm = MedMNISTDataModule(flag="dermamnist", size=64, root=str(tmp_path), train_splits=["train", "val"],
-                            val_split=None, batch_size=8)
+    dm = MedMNISTDataModule(
+        flag="dermamnist", size=64, root=str(tmp_path), train_splits=["train", "val"], val_split=None, batch_size=8
+    )
     dm.setup("fit")
     assert len(dm.train_set) == 32
     assert dm.train_set[0][0].shape == (3, 64, 64)
@@ -55,11 +56,15 @@ def test_missing_file_names_the_file_and_folder(tmp_path):
     with pytest.raises(UserInputError, match=r"chestmnist_64\.npz"):
         MedMNISTDataModule(flag="chestmnist", size=64, root=str(tmp_path)).setup("fit")
 
+
 def test_flags_come_from_medmnist_info_and_unknown_ones_are_refused():
     assert {"dermamnist", "chestmnist", "pneumoniamnist", "breastmnist", "pathmnist"} <= set(FLAGS)
     assert not any(flag.endswith("3d") for flag in FLAGS)
-    with pytest.raises(UserInputError, match=r"'pneumonia' is unknown to medmnist .* \(did you mean 'pneumoniamnist'\?\)\."
-                                             r".* one of the 2D flags of medmnist's INFO: pathmnist, chestmnist"):
+    with pytest.raises(
+        UserInputError,
+        match=r"'pneumonia' is unknown to medmnist .* \(did you mean 'pneumoniamnist'\?\)\."
+        r".* one of the 2D flags of medmnist's INFO: pathmnist, chestmnist",
+    ):
         MedMNISTDataModule(flag="pneumonia")
     with pytest.raises(UserInputError, match="'organmnist3d' is a 3D MedMNIST flag"):
         MedMNISTDataModule(flag="organmnist3d")
@@ -76,8 +81,9 @@ def test_save_rejects_a_wrong_layout(tmp_path):
 # ---------------------------------------------------------------- the real PneumoniaMNIST / BreastMNIST files
 
 
-@pytest.mark.parametrize("flag, names", [("pneumoniamnist", ["normal", "pneumonia"]),
-                                         ("breastmnist", ["malignant", "normal, benign"])])
+@pytest.mark.parametrize(
+    "flag, names", [("pneumoniamnist", ["normal", "pneumonia"]), ("breastmnist", ["malignant", "normal, benign"])]
+)
 def test_real_flags_take_channels_classes_and_names_from_info(data_root, flag, names):
     official = MedMNISTDataModule(flag=flag, root=str(real_medmnist(data_root, flag).parent))
     with warnings.catch_warnings():
@@ -91,9 +97,12 @@ def test_real_flags_take_channels_classes_and_names_from_info(data_root, flag, n
 def test_md5_of_a_subset_is_a_warning_and_the_run_goes_on(data_root, tmp_path):
     write_real_slice(data_root, tmp_path, "pneumoniamnist", n_train=32, n_val=8, n_test=8)
     dm = MedMNISTDataModule(flag="pneumoniamnist", root=str(tmp_path), batch_size=16)
-    with pytest.warns(UserWarning, match=r"is not the official MedMNIST pneumoniamnist\.npz: its MD5 [0-9a-f]{32} "
-                                         r"differs from the 28209eda62fecd6e6a2d98b1501bb15f in medmnist's INFO\. "
-                                         r"Continuing with this file"):
+    with pytest.warns(
+        UserWarning,
+        match=r"is not the official MedMNIST pneumoniamnist\.npz: its MD5 [0-9a-f]{32} "
+        r"differs from the 28209eda62fecd6e6a2d98b1501bb15f in medmnist's INFO\. "
+        r"Continuing with this file",
+    ):
         dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (16, 1, 28, 28) and set(labels.tolist()) <= {0, 1}
@@ -103,16 +112,22 @@ def test_md5_of_a_subset_is_a_warning_and_the_run_goes_on(data_root, tmp_path):
 
 def test_another_flags_official_file_is_refused(data_root, tmp_path):
     (tmp_path / "pneumoniamnist.npz").symlink_to(real_medmnist(data_root, "breastmnist"))
-    with pytest.raises(UserInputError, match=r"is the official breastmnist file .* not pneumoniamnist data\. Set "
-                                             r"--data\.flag breastmnist"):
+    with pytest.raises(
+        UserInputError,
+        match=r"is the official breastmnist file .* not pneumoniamnist data\. Set "
+        r"--data\.flag breastmnist",
+    ):
         MedMNISTDataModule(flag="pneumoniamnist", root=str(tmp_path)).setup("fit")
 
 
-@pytest.mark.parametrize("source, problem", [
-    ("dermamnist", r"images uint8 \(N, 28, 28, 3\) where pneumoniamnist has uint8 \(N, 28, 28\) \(1 channel"),
-    ("chestmnist", r"labels of shape \(\d+, 14\) where pneumoniamnist \(binary-class\) has \(N, 1\)"),
-    ("bloodmnist-as-gray", r"label values 0\.\.[2-7] where pneumoniamnist has classes 0\.\.1"),
-])
+@pytest.mark.parametrize(
+    "source, problem",
+    [
+        ("dermamnist", r"images uint8 \(N, 28, 28, 3\) where pneumoniamnist has uint8 \(N, 28, 28\) \(1 channel"),
+        ("chestmnist", r"labels of shape \(\d+, 14\) where pneumoniamnist \(binary-class\) has \(N, 1\)"),
+        ("bloodmnist-as-gray", r"label values 0\.\.[2-7] where pneumoniamnist has classes 0\.\.1"),
+    ],
+)
 def test_a_file_of_another_flag_is_refused(tmp_path, source, problem):
     rng = np.random.default_rng(0)
     if source == "bloodmnist-as-gray":  # 8 classes in a 1-channel file: only the label values disagree
@@ -120,9 +135,20 @@ def test_a_file_of_another_flag_is_refused(tmp_path, source, problem):
         labels[0] = 7
     else:
         images, labels = tiny_split(source, 24, rng)
-    np.savez(tmp_path / "pneumoniamnist.npz", **{f"{split}_{kind}": array for split in ("train", "val", "test")
-                                                 for kind, array in (("images", images), ("labels", labels))})
-    with pytest.warns(UserWarning, match="not the official"), pytest.raises(
-            UserInputError, match=rf"does not hold pneumoniamnist data as medmnist's INFO describes it: its train split "
-                                  rf"has {problem}.*set --data\.flag to the flag it holds"):
+    np.savez(
+        tmp_path / "pneumoniamnist.npz",
+        **{
+            f"{split}_{kind}": array
+            for split in ("train", "val", "test")
+            for kind, array in (("images", images), ("labels", labels))
+        },
+    )
+    with (
+        pytest.warns(UserWarning, match="not the official"),
+        pytest.raises(
+            UserInputError,
+            match=rf"does not hold pneumoniamnist data as medmnist's INFO describes it: its train split "
+            rf"has {problem}.*set --data\.flag to the flag it holds",
+        ),
+    ):
         MedMNISTDataModule(flag="pneumoniamnist", root=str(tmp_path), batch_size=8).setup("fit")

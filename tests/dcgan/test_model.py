@@ -30,9 +30,12 @@ def test_discriminator_has_four_normalised_leaky_conv_layers(size):
     layers = list(Discriminator(3, size).net)
     convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
     normalised = [
-        i for i in convs
-        if i + 2 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d)
-        and isinstance(layers[i + 2], nn.LeakyReLU) and layers[i + 2].negative_slope == 0.2
+        i
+        for i in convs
+        if i + 2 < len(layers)
+        and isinstance(layers[i + 1], nn.BatchNorm2d)
+        and isinstance(layers[i + 2], nn.LeakyReLU)
+        and layers[i + 2].negative_slope == 0.2
     ]
     assert len(normalised) >= 4
     first = layers[convs[0] + 1]

@@ -32,7 +32,11 @@ def test_short_fit_trains_both_networks_writes_8x4_grids_and_reloads(tmp_path):
 
     samples = tmp_path / "run" / "samples"
     assert {p.name for p in samples.glob("*.png")} == {
-        "grid_epoch_0001.png", "grid_epoch_0002.png", "grid_final.png", "early_training.png"}
+        "grid_epoch_0001.png",
+        "grid_epoch_0002.png",
+        "grid_final.png",
+        "early_training.png",
+    }
     grid = Image.open(samples / "grid_final.png")
     tile = 112 + 4  # 28 px upscaled 4× plus the padding
     assert grid.size == (8 * tile + 4, 4 * tile + 4)  # 8 columns × 4 rows = 32 samples
@@ -60,8 +64,15 @@ def test_configs_follow_the_task_and_stack_per_flag(flag):
         assert optimizer.defaults["betas"] == (0.5, 0.999) and optimizer.defaults["lr"] == 2e-4
     assert cli.datamodule.hparams.flag == (flag or "dermamnist")
     if flag:
-        classifier = LitRLHFCLI(args=["--config", str(REPO / "configs" / "dcgan" / "classifier.yaml"), "--config",
-                                      str(REPO / "configs" / "dcgan" / "classifier" / f"{flag}.yaml")], run=False)
+        classifier = LitRLHFCLI(
+            args=[
+                "--config",
+                str(REPO / "configs" / "dcgan" / "classifier.yaml"),
+                "--config",
+                str(REPO / "configs" / "dcgan" / "classifier" / f"{flag}.yaml"),
+            ],
+            run=False,
+        )
         assert classifier.datamodule.hparams.flag == flag
         assert Path(cli.trainer.default_root_dir).name == f"dcgan_{flag}"
         assert model.hparams.fd_classifier == f"{classifier.trainer.default_root_dir}/checkpoints/best.ckpt"
@@ -71,14 +82,29 @@ def test_domain_fd_curve_every_n_epochs_on_real_images(tmp_path, data_root):
     """PneumoniaMNIST slices: a classifier of the flag, then a DCGAN whose domain FD is measured at every
     grid epoch, logged, plotted, kept in (and reloaded from) the checkpoint."""
     data = write_real_slice(data_root, tmp_path / "data", "pneumoniamnist", n_train=48).parent
-    classifier_trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                 enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
-    classifier_trainer.fit(MedMNISTClassifier(width=8, feature_dim=16),
-                           MedMNISTDataModule(flag="pneumoniamnist", root=str(data), batch_size=16))
+    classifier_trainer = Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    classifier_trainer.fit(
+        MedMNISTClassifier(width=8, feature_dim=16),
+        MedMNISTDataModule(flag="pneumoniamnist", root=str(data), batch_size=16),
+    )
     classifier_trainer.save_checkpoint(tmp_path / "classifier.ckpt")
 
-    model, trainer = fit_tiny_dcgan(tmp_path, "pneumoniamnist", epochs=2, data=data,
-                                    fd_classifier=str(tmp_path / "classifier.ckpt"), fd_num_samples=16)
+    model, trainer = fit_tiny_dcgan(
+        tmp_path,
+        "pneumoniamnist",
+        epochs=2,
+        data=data,
+        fd_classifier=str(tmp_path / "classifier.ckpt"),
+        fd_num_samples=16,
+    )
     curve = model.fd_curve
     assert curve["n"] == 16 and curve["floor"] > 0
     assert [p["epoch"] for p in curve["points"]] == [1, 2] and [p["step"] for p in curve["points"]] == [6, 12]
@@ -94,5 +120,10 @@ def test_domain_fd_curve_every_n_epochs_on_real_images(tmp_path, data_root):
 
     with pytest.raises(UserInputError, match=r"was trained on pneumoniamnist, the DCGAN on breastmnist"):
         write_real_slice(data_root, tmp_path / "breast", "breastmnist", n_train=48)
-        fit_tiny_dcgan(tmp_path / "b", "breastmnist", epochs=1, data=tmp_path / "breast",
-                       fd_classifier=str(tmp_path / "classifier.ckpt"))
+        fit_tiny_dcgan(
+            tmp_path / "b",
+            "breastmnist",
+            epochs=1,
+            data=tmp_path / "breast",
+            fd_classifier=str(tmp_path / "classifier.ckpt"),
+        )

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import make_tiny_llama_dir
 from nbclient import NotebookClient
 from peft import LoraConfig, get_peft_model
+from ppo_fixtures import make_parity_reward_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import make_tiny_llama_dir
 from lit_rlhf import evaluate
-from lit_rlhf.errors import UserInputError
 from lit_rlhf.eval import human_ratings
 from lit_rlhf.eval.generation import generate_responses, response_logprobs
 from lit_rlhf.eval.kl_monitor import interpret_kl
@@ -24,7 +24,6 @@ from lit_rlhf.eval.stats import bootstrap_mean_ci, paired_gain_ci, repetition_ra
 from lit_rlhf.models.hf import load_sequence_scorer, load_tokenizer
 from lit_rlhf.models.scoring import score_responses
 from lit_rlhf.text import batches_by_length
-from ppo_fixtures import make_parity_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +56,11 @@ def test_repetition_rate():
 
 @pytest.mark.parametrize(
     "series, verdict",
-    [([0.05, 0.2, 0.3, 0.4], "above the band"), ([0.001, 0.002, 0.003], "below the band"), ([0.01, 0.04, 0.05, 0.06], "inside the band")],
+    [
+        ([0.05, 0.2, 0.3, 0.4], "above the band"),
+        ([0.001, 0.002, 0.003], "below the band"),
+        ([0.01, 0.04, 0.05, 0.06], "inside the band"),
+    ],
 )
 def test_kl_interpretation_follows_the_numbers(series, verdict):
     text = interpret_kl(series, 0.02, 0.1, "PPO")
@@ -69,8 +72,10 @@ MODELS = ("Pretrained", "PPO (full)", "PPO (LoRA)")
 
 
 def write_generations(folder: Path, models=MODELS[:2]) -> dict:
-    generations = {m: [{"prompt": f"p{i}", "response": f"answer {i} of model {k}"} for i in range(1, 4)]
-                   for k, m in enumerate(models)}  # fmt: skip
+    generations = {
+        m: [{"prompt": f"p{i}", "response": f"answer {i} of model {k}"} for i in range(1, 4)]
+        for k, m in enumerate(models)
+    }
     (folder / human_ratings.GENERATIONS_FILE).write_text(json.dumps(generations))
     return generations
 
@@ -84,7 +89,11 @@ def test_rating_command_validates_and_resumes_from_a_pipe(tmp_path):
     assert missing == 30 - 3
     assert out.getvalue().count("whole number from 1 to 5") == 2
     ratings = human_ratings.load_ratings(tmp_path, generations)
-    assert ratings == {(model, number, "Coherence"): 4, (model, number, "Relevance"): 5, (model, number, "Helpfulness"): 3}
+    assert ratings == {
+        (model, number, "Coherence"): 4,
+        (model, number, "Relevance"): 5,
+        (model, number, "Helpfulness"): 3,
+    }
     # resume: the next answers fill the remaining 27 ratings in order, then end of input
     assert human_ratings.rate(tmp_path, stdin=io.StringIO("2\n" * 27), stdout=io.StringIO()) == 0
     ratings = human_ratings.load_ratings(tmp_path, generations)
@@ -136,7 +145,10 @@ def test_rating_command_runs_as_a_program_fed_by_a_pipe(tmp_path):
     generations = write_generations(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "lit_rlhf.eval.human_ratings", "rate", "--eval_dir", str(tmp_path)],
-        input="5\n" * 30, capture_output=True, text=True, check=True,
+        input="5\n" * 30,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "All ratings saved." in result.stdout
     assert len(human_ratings.load_ratings(tmp_path, generations)) == 30
@@ -151,34 +163,65 @@ def fake_runs(tmp_path_factory, smol_tokenizer_dir):
     full = root / "ppo_full"
     make_tiny_llama_dir(full / "policy", smol_tokenizer_dir, seed=1)
     lora_run = root / "ppo_lora"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     model.save_pretrained(lora_run / "policy_adapter")
     AutoTokenizer.from_pretrained(base).save_pretrained(lora_run / "policy_adapter")
-    prompts = [{"prompt": f"Question number {i}: what is {i} plus {i}?", "message_id": str(i), "message_tree_id": str(i)} for i in range(50)]
+    prompts = [
+        {"prompt": f"Question number {i}: what is {i} plus {i}?", "message_id": str(i), "message_tree_id": str(i)}
+        for i in range(50)
+    ]
     (full / "eval_prompts.jsonl").write_text("\n".join(json.dumps(p) for p in prompts))
     for run, kl in ((full, [0.01, 0.03, 0.05, 0.06]), (lora_run, [0.0, 0.005, 0.01, 0.008])):
         (run / "csv" / "version_0").mkdir(parents=True)
-        pd.DataFrame({"step": range(4), "objective/kl_per_token": kl, "kl_coef": [0.05, 0.049, 0.05, 0.051],
-                      "objective/scores": [0.1, 0.2, 0.3, 0.4]}).to_csv(run / "csv/version_0/metrics.csv", index=False)
+        pd.DataFrame(
+            {
+                "step": range(4),
+                "objective/kl_per_token": kl,
+                "kl_coef": [0.05, 0.049, 0.05, 0.051],
+                "objective/scores": [0.1, 0.2, 0.3, 0.4],
+            }
+        ).to_csv(run / "csv/version_0/metrics.csv", index=False)
     return root, base, reward, full, lora_run
 
 
 def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
     root, base, reward, full, lora_run = fake_runs
     out = tmp_path / "evaluation"
-    evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
-                   "--base_model", str(base), "--policies", json.dumps({"PPO (full)": str(full), "PPO (LoRA)": str(lora_run)}),
-                   "--out_dir", str(out), "--max_new_tokens", "6", "--batch_size", "25",
-                   "--bootstrap_resamples", "500", "--wandb_mode", "offline"])
+    evaluate.main(
+        [
+            "--config",
+            str(REPO / "configs/rlhf/evaluate.yaml"),
+            "--reward_model",
+            str(reward),
+            "--base_model",
+            str(base),
+            "--policies",
+            json.dumps({"PPO (full)": str(full), "PPO (LoRA)": str(lora_run)}),
+            "--out_dir",
+            str(out),
+            "--max_new_tokens",
+            "6",
+            "--batch_size",
+            "25",
+            "--bootstrap_resamples",
+            "500",
+            "--wandb_mode",
+            "offline",
+        ]
+    )
     rewards = pd.read_csv(out / "rewards.csv")
     assert len(rewards) == 150 and set(rewards.model) == {"Pretrained", "PPO (full)", "PPO (LoRA)"}
     summary = json.loads((out / "summary.json").read_text())
     gain = summary["PPO (full)"]["reward_gain"]
-    expected = (rewards[rewards.model == "PPO (full)"].training_reward.mean()
-                - rewards[rewards.model == "Pretrained"].training_reward.mean())
+    expected = (
+        rewards[rewards.model == "PPO (full)"].training_reward.mean()
+        - rewards[rewards.model == "Pretrained"].training_reward.mean()
+    )
     assert gain["mean"] == pytest.approx(expected, abs=1e-6) and gain["low"] <= gain["mean"] <= gain["high"]
     # 6 new tokens: a response without EOS has 6 tokens and counts as truncated
     assert (rewards.truncated == (rewards.length == 6)).all() and rewards.truncated.any()
@@ -193,7 +236,12 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
     assert flagged and flagged == {m for m in models if summary[m]["truncated_share"] > 0.25}
     assert "Overlap with the training reward model's data unknown" in report  # its export records nothing
     assert "reading at most 512 tokens with at least 64 for the prompt" in report
-    assert "Length-controlled gain" in report and "KL to base (per token)" in report and "kl.png" in report and (out / "kl.png").stat().st_size > 1000
+    assert (
+        "Length-controlled gain" in report
+        and "KL to base (per token)" in report
+        and "kl.png" in report
+        and (out / "kl.png").stat().st_size > 1000
+    )
     assert "inside the band" in report and "below the band" in report
     assert report.count("| Prompt 1:") == 3 and "Hallucination/toxicity" in report
     generations = json.loads((out / human_ratings.GENERATIONS_FILE).read_text())
@@ -210,14 +258,28 @@ def test_report_from_fake_runs_and_notebook(fake_runs, tmp_path):
 def test_evaluation_needs_enough_prompts(fake_runs, tmp_path):
     root, base, reward, full, lora_run = fake_runs
     with pytest.raises(SystemExit):
-        evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
-                       "--base_model", str(base), "--policies", json.dumps({"PPO (full)": str(full)}),
-                       "--out_dir", str(tmp_path / "e"), "--num_prompts", "10"])
+        evaluate.main(
+            [
+                "--config",
+                str(REPO / "configs/rlhf/evaluate.yaml"),
+                "--reward_model",
+                str(reward),
+                "--base_model",
+                str(base),
+                "--policies",
+                json.dumps({"PPO (full)": str(full)}),
+                "--out_dir",
+                str(tmp_path / "e"),
+                "--num_prompts",
+                "10",
+            ]
+        )
     assert not (tmp_path / "e").exists()
 
 
-def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overlap(fake_runs, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overlap(
+    fake_runs, tmp_path, monkeypatch, capsys
+):
     """The reward-model export's scoring settings and training trees drive scoring and the report;
     a follow-up prompt (a conversation) is generated for and scored like a plain one."""
     import shutil
@@ -226,14 +288,23 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
 
     root, base, reward, full, lora_run = fake_runs
     exported = shutil.copytree(reward, tmp_path / "rm")
-    (exported / REWARD_MODEL_INFO).write_text(json.dumps({
-        "scoring": {"max_length": 96, "min_prompt_tokens": 24},
-        "trained_on": {"message_tree_ids": ["3", "7"], "post_ids": ["11"]},
-    }))
-    prompts = [{"prompt": f"Question number {i}: what is {i} plus {i}?", "message_id": str(i),
-                "message_tree_id": str(i)} for i in range(12)]
-    prompts[5]["prompt"] = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."},
-                            {"role": "user", "content": "And times 3?"}]
+    (exported / REWARD_MODEL_INFO).write_text(
+        json.dumps(
+            {
+                "scoring": {"max_length": 96, "min_prompt_tokens": 24},
+                "trained_on": {"message_tree_ids": ["3", "7"], "post_ids": ["11"]},
+            }
+        )
+    )
+    prompts = [
+        {"prompt": f"Question number {i}: what is {i} plus {i}?", "message_id": str(i), "message_tree_id": str(i)}
+        for i in range(12)
+    ]
+    prompts[5]["prompt"] = [
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And times 3?"},
+    ]
     prompt_file = tmp_path / "eval_prompts.jsonl"
     prompt_file.write_text("\n".join(json.dumps(p) for p in prompts))
     calls, endings = [], []
@@ -247,12 +318,31 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
         return real_score(model, tokenizer, prompts, responses, max_length, batch_size, min_prompt_tokens, ended=ended)
 
     monkeypatch.setattr(rlhf, "score_responses", recording_score)
-    args = ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(exported), "--base_model", str(base),
-            "--policies", json.dumps({"PPO (full)": str(full)}), "--eval_prompts", str(prompt_file), "--min_prompts", "12",
-            "--max_new_tokens", "4", "--bootstrap_resamples", "200", "--human_eval_prompts", "1"]
+    args = [
+        "--config",
+        str(REPO / "configs/rlhf/evaluate.yaml"),
+        "--reward_model",
+        str(exported),
+        "--base_model",
+        str(base),
+        "--policies",
+        json.dumps({"PPO (full)": str(full)}),
+        "--eval_prompts",
+        str(prompt_file),
+        "--min_prompts",
+        "12",
+        "--max_new_tokens",
+        "4",
+        "--bootstrap_resamples",
+        "200",
+        "--human_eval_prompts",
+        "1",
+    ]
     evaluate.main([*args, "--out_dir", str(tmp_path / "as_trained")])
     assert [c[1:] for c in calls] == [(96, 24)]  # one pass over the base model's and the policy's responses
-    assert len(calls[0][0]) == 2 * 12 and calls[0][0][5] == calls[0][0][12 + 5] == prompts[5]["prompt"]  # as the conversation it is
+    assert (
+        len(calls[0][0]) == 2 * 12 and calls[0][0][5] == calls[0][0][12 + 5] == prompts[5]["prompt"]
+    )  # as the conversation it is
     report = (tmp_path / "as_trained" / "report.md").read_text()
     assert "reading at most 96 tokens with at least 24 for the prompt (as it was trained)" in report
     assert "Warning: 3 evaluation prompts share a message tree with the training reward model's training" in report
@@ -265,15 +355,19 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
     assert "warning" not in capsys.readouterr().out
 
     calls.clear()
-    (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24},
-                                                          "trained_on": {"message_tree_ids": ["99"]}}))
+    (exported / REWARD_MODEL_INFO).write_text(
+        json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24}, "trained_on": {"message_tree_ids": ["99"]}})
+    )
     evaluate.main([*args, "--out_dir", str(tmp_path / "override"), "--reward_max_length", "128"])
     assert [c[1:] for c in calls] == [(128, 24)]
     assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
     report = (tmp_path / "override" / "report.md").read_text()
     assert "reward_max_length overrides the max length 96 it was trained with" in report
-    assert "0 evaluation prompts share a message tree with the training reward model's training/validation data" in report
+    assert (
+        "0 evaluation prompts share a message tree with the training reward model's training/validation data" in report
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,7 +377,12 @@ def test_evaluation_scores_as_the_reward_model_was_trained_and_counts_its_overla
         ((0.3, 0.1, 0.5), (0.02, -0.1, 0.14), (0.28, 0.1, 0.45), "possible reward hacking: .* judge reward model"),
         ((0.3, 0.1, 0.5), (0.25, 0.05, 0.45), (0.05, -0.1, 0.2), "possible reward hacking: .* length explains most"),
         ((0.3, 0.1, 0.5), None, (0.05, -0.1, 0.2), "possible reward hacking: .* length explains most"),
-        ((0.3, 0.1, 0.5), (0.25, 0.05, 0.45), (0.27, 0.08, 0.46), "significant gain under the training .* and under the judge"),
+        (
+            (0.3, 0.1, 0.5),
+            (0.25, 0.05, 0.45),
+            (0.27, 0.08, 0.46),
+            "significant gain under the training .* and under the judge",
+        ),
     ],
 )
 def test_reward_hacking_reading_follows_the_numbers(training, judge, length_controlled, verdict):
@@ -292,8 +391,9 @@ def test_reward_hacking_reading_follows_the_numbers(training, judge, length_cont
     from lit_rlhf.eval.rlhf import reward_hacking_reading
     from lit_rlhf.eval.stats import Interval
 
-    reading = reward_hacking_reading("GRPO", Interval(*training), Interval(*judge) if judge else None,
-                                     Interval(*length_controlled))  # fmt: skip
+    reading = reward_hacking_reading(
+        "GRPO", Interval(*training), Interval(*judge) if judge else None, Interval(*length_controlled)
+    )
     assert re.search(verdict, reading), reading
     assert ("possible reward hacking" in reading) == ("hacking" in verdict)
 
@@ -323,9 +423,24 @@ def test_the_policies_system_instruction_is_given_to_every_model(fake_runs, tmp_
 
     monkeypatch.setattr(rlhf, "generate_responses", generation_spy)
     monkeypatch.setattr(rlhf, "response_logprobs", kl_spy)
-    args = ["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
-            "--base_model", str(base), "--eval_prompts", str(full / "eval_prompts.jsonl"), "--max_new_tokens", "4", "--batch_size", "25",
-            "--bootstrap_resamples", "100", "--human_eval_prompts", "1"]  # fmt: skip
+    args = [
+        "--config",
+        str(REPO / "configs/rlhf/evaluate.yaml"),
+        "--reward_model",
+        str(reward),
+        "--base_model",
+        str(base),
+        "--eval_prompts",
+        str(full / "eval_prompts.jsonl"),
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "25",
+        "--bootstrap_resamples",
+        "100",
+        "--human_eval_prompts",
+        "1",
+    ]
     out = tmp_path / "evaluation"
     evaluate.main([*args, "--policies", json.dumps({"Brief": str(brief)}), "--out_dir", str(out)])
     assert seen == [("generate", "Answer in one sentence.")] * 2 + [("kl", "Answer in one sentence.")]
@@ -333,8 +448,9 @@ def test_the_policies_system_instruction_is_given_to_every_model(fake_runs, tmp_
     assert "under the policies' system instruction 'Answer in one sentence.'" in (out / "report.md").read_text()
     mixed = tmp_path / "mixed"
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([*args, "--policies", json.dumps({"Brief": str(brief), "PPO (full)": str(full)}),
-                       "--out_dir", str(mixed)])  # fmt: skip
+        evaluate.main(
+            [*args, "--policies", json.dumps({"Brief": str(brief), "PPO (full)": str(full)}), "--out_dir", str(mixed)]
+        )
     assert exit_info.value.code == 2 and "different system instructions" in capsys.readouterr().err
     assert not mixed.exists()
 
@@ -360,13 +476,29 @@ def test_length_controlled_gain_is_fit_on_the_base_model_alone(tmp_path):
 
     rng = np.random.default_rng(1)
     prompts = 40
-    lengths = {BASE: rng.integers(5, 40, prompts), "A": rng.integers(20, 60, prompts),
-               "B": rng.integers(80, 128, prompts)}  # fmt: skip
+    lengths = {
+        BASE: rng.integers(5, 40, prompts),
+        "A": rng.integers(20, 60, prompts),
+        "B": rng.integers(80, 128, prompts),
+    }
 
     def records(models):
-        return pd.DataFrame([{"model": m, "prompt_id": i, "sample": 0, "length": int(n), "truncated": False,
-                              "repetition": 0.0, "kl_sum": 0.0, "training_reward": float(np.sqrt(n) + 0.1 * np.sin(i))}
-                             for m in models for i, n in enumerate(lengths[m])])  # fmt: skip
+        return pd.DataFrame(
+            [
+                {
+                    "model": m,
+                    "prompt_id": i,
+                    "sample": 0,
+                    "length": int(n),
+                    "truncated": False,
+                    "repetition": 0.0,
+                    "kl_sum": 0.0,
+                    "training_reward": float(np.sqrt(n) + 0.1 * np.sin(i)),
+                }
+                for m in models
+                for i, n in enumerate(lengths[m])
+            ]
+        )
 
     settings = EvalSettings(policies={"A": str(tmp_path), "B": str(tmp_path)}, bootstrap_resamples=200, seed=0)
     judges = [Judge("training", "rm", {}, None)]
@@ -401,12 +533,36 @@ def test_evaluation_measures_kl_to_the_base_model_for_any_policies(fake_runs, tm
 
     monkeypatch.setattr(rlhf, "generate_responses", generation_spy)
     monkeypatch.setattr(rlhf, "response_logprobs", kl_spy)
-    evaluate.main(["--config", str(REPO / "configs/rlhf/evaluate.yaml"), "--reward_model", str(reward),
-                   "--judge_reward_model", str(reward), "--base_model", str(base),
-                   "--policies", json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
-                   "--eval_prompts", str(full / "eval_prompts.jsonl"), "--out_dir", str(out), "--max_new_tokens", "5",
-                   "--batch_size", "25", "--bootstrap_resamples", "200", "--human_eval_prompts", "1",
-                   "--samples_per_prompt", "2", "--generation_batch_size", "100"])  # fmt: skip
+    evaluate.main(
+        [
+            "--config",
+            str(REPO / "configs/rlhf/evaluate.yaml"),
+            "--reward_model",
+            str(reward),
+            "--judge_reward_model",
+            str(reward),
+            "--base_model",
+            str(base),
+            "--policies",
+            json.dumps({"Same as base": str(base), "PPO (full)": str(full)}),
+            "--eval_prompts",
+            str(full / "eval_prompts.jsonl"),
+            "--out_dir",
+            str(out),
+            "--max_new_tokens",
+            "5",
+            "--batch_size",
+            "25",
+            "--bootstrap_resamples",
+            "200",
+            "--human_eval_prompts",
+            "1",
+            "--samples_per_prompt",
+            "2",
+            "--generation_batch_size",
+            "100",
+        ]
+    )
     assert generation_batches == [100, 100, 100] and kl_batches == [25, 25]  # the base needs no KL pass
     summary = json.loads((out / "summary.json").read_text())
     assert summary["Same as base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
@@ -431,9 +587,18 @@ def test_gains_compare_per_prompt_means_when_a_prompt_has_several_answers(tmp_pa
 
     base = [0.0, 0.2, 1.0, 0.6, -0.4, 0.0, 0.3, 0.1]  # prompt 0: answers 0.0 and 0.2, prompt 1: 1.0 and 0.6, ...
     policy = [0.5, 0.1, 1.2, 1.2, -0.6, 0.4, 0.1, 0.3]
-    records = pd.DataFrame({"model": [BASE] * 8 + ["P"] * 8, "prompt_id": [0, 0, 1, 1, 2, 2, 3, 3] * 2,
-                            "sample": [0, 1] * 8, "training_reward": base + policy, "length": [10] * 16,
-                            "truncated": False, "repetition": 0.0, "kl_sum": 0.0})  # fmt: skip
+    records = pd.DataFrame(
+        {
+            "model": [BASE] * 8 + ["P"] * 8,
+            "prompt_id": [0, 0, 1, 1, 2, 2, 3, 3] * 2,
+            "sample": [0, 1] * 8,
+            "training_reward": base + policy,
+            "length": [10] * 16,
+            "truncated": False,
+            "repetition": 0.0,
+            "kl_sum": 0.0,
+        }
+    )
     settings = EvalSettings(policies={"P": str(tmp_path)}, bootstrap_resamples=2000, seed=3)
     summary = summarise(records, settings, [Judge("training", "rm", {}, None)])["P"]
     gain = summary["reward_gain"]
@@ -458,8 +623,9 @@ def test_generation_returns_the_log_probs_a_forward_pass_gives(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir, padding_side="left")
     prompts = ["Hi.", "Name a colour you like.", [{"role": "user", "content": "A long question " * 12}]]
-    texts, ids, logprobs = generate_responses(model, tokenizer, prompts, 12, 0.7, seed=0, batch_size=2,
-                                              return_logprobs=True)  # fmt: skip
+    texts, ids, logprobs = generate_responses(
+        model, tokenizer, prompts, 12, 0.7, seed=0, batch_size=2, return_logprobs=True
+    )
     assert generate_responses(model, tokenizer, prompts, 12, 0.7, seed=0, batch_size=2) == (texts, ids)
     recomputed = response_logprobs(model, tokenizer, prompts, ids, 0.7, batch_size=2)
     for own, again, tokens in zip(logprobs, recomputed, ids):
@@ -484,8 +650,9 @@ def test_a_cut_answer_reaches_the_scorer_as_an_open_turn(smol_tokenizer_dir):
             return type("Output", (), {"logits": torch.zeros(len(input_ids), 1)})()
 
     text = "The answer starts like this and then"
-    score_responses(Recorder(), tokenizer, ["Q?", "Q?"], [text, text], 96, batch_size=1, min_prompt_tokens=24,
-                    ended=[False, True])  # fmt: skip
+    score_responses(
+        Recorder(), tokenizer, ["Q?", "Q?"], [text, text], 96, batch_size=1, min_prompt_tokens=24, ended=[False, True]
+    )
     cut, ended = sorted(seen, key=len)
     assert cut != ended and ended[: len(cut)] == cut
     assert tokenizer.decode(cut).endswith("<|im_start|>assistant\n" + text)
@@ -498,12 +665,21 @@ def test_scores_come_back_in_order_whatever_the_batching(tmp_path, smol_tokenize
     folder = make_parity_reward_model(tmp_path / "rm", smol_tokenizer_dir)
     tokenizer = load_tokenizer(str(folder), padding_side="right")
     model = load_sequence_scorer(str(folder), tokenizer.pad_token_id, trained_head=True).eval()
-    prompts = ["Hi.", "Tell me a long story about " + "a dog and a cat " * 6, [{"role": "user", "content": "2+2?"}],
-               "What is the capital of France?", "Why?"]  # fmt: skip
+    prompts = [
+        "Hi.",
+        "Tell me a long story about " + "a dog and a cat " * 6,
+        [{"role": "user", "content": "2+2?"}],
+        "What is the capital of France?",
+        "Why?",
+    ]
     responses = ["Hello there, friend.", "Once.", "4", "Paris is the capital of France " * 3, "Because."]
     ended = [True, False, True, False, True]
     batched = score_responses(model, tokenizer, prompts, responses, 96, batch_size=2, min_prompt_tokens=24, ended=ended)
-    alone = torch.cat([score_responses(model, tokenizer, [p], [r], 96, batch_size=1, min_prompt_tokens=24, ended=[e])
-                       for p, r, e in zip(prompts, responses, ended)])  # fmt: skip
+    alone = torch.cat(
+        [
+            score_responses(model, tokenizer, [p], [r], 96, batch_size=1, min_prompt_tokens=24, ended=[e])
+            for p, r, e in zip(prompts, responses, ended)
+        ]
+    )
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     assert batched.unique().numel() > 1  # the rows really differ: an order mix-up would show

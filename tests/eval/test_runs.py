@@ -3,11 +3,11 @@
 import pandas as pd
 import pytest
 import torch
+from test_resume import REPO, every_n_steps, tinygpt_args
 
 from lit_rlhf.cli import LitRLHFCLI
 from lit_rlhf.eval.kl_monitor import KL_COLUMN, ppo_curves
 from lit_rlhf.eval.runs import read_metrics
-from test_resume import REPO, every_n_steps, tinygpt_args
 
 
 def write_version(run, version: int, rows: list[dict]) -> None:
@@ -19,8 +19,14 @@ def write_version(run, version: int, rows: list[dict]) -> None:
 
 def test_a_later_version_replaces_the_redone_steps_metric_by_metric(tmp_path):
     # killed after step 4 with its checkpoint at step 3: the resumed version logs steps 3.. again
-    write_version(tmp_path, 0, [*({"epoch": 0, "step": s, KL_COLUMN: 0.01 * s, "kl_coef": 0.05} for s in range(5)),
-                                {"epoch": 0, "step": 4, "objective/scores": 0.4}])  # fmt: skip
+    write_version(
+        tmp_path,
+        0,
+        [
+            *({"epoch": 0, "step": s, KL_COLUMN: 0.01 * s, "kl_coef": 0.05} for s in range(5)),
+            {"epoch": 0, "step": 4, "objective/scores": 0.4},
+        ],
+    )
     write_version(tmp_path, 1, [{"epoch": 0, "step": s, KL_COLUMN: 0.1 * s, "kl_coef": 0.06} for s in range(3, 7)])
     write_version(tmp_path, 10, [{"epoch": 1, "step": 7, KL_COLUMN: 0.7, "kl_coef": 0.07}])  # versions sort by number
 

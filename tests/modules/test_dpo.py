@@ -21,8 +21,15 @@ from lit_rlhf.modules.dpo import DPOModule
 REPO = Path(__file__).resolve().parents[2]
 CONFIG, LORA, CPU = REPO / "configs/rlhf/dpo.yaml", REPO / "configs/lora/dpo.yaml", REPO / "configs/cpu/dpo.yaml"
 CSV_ONLY = '[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}}]'
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected")  # fmt: skip
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +48,22 @@ def mixed_batch(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("dpo_mixed")
     pairs = [
         {"prompt": "Hi?", "chosen": "Hello! How can I help you today?", "rejected": "What."},
-        {"prompt": "Explain " + "why the sky is blue " * 12, "chosen": "Rayleigh scattering.",
-         "rejected": "It is not."},
+        {
+            "prompt": "Explain " + "why the sky is blue " * 12,
+            "chosen": "Rayleigh scattering.",
+            "rejected": "It is not.",
+        },
         {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "A fruit is a thing that grows on trees, mostly."},
     ]
     write_jsonl(root / "validation.jsonl", pairs)
-    data = PreferenceDataModule(str(root), tokenizer_name_or_path=str(tiny_llama_dir), max_length=64,
-                                min_prompt_tokens=16, min_score_ratio=None, batch_size=3)  # fmt: skip
+    data = PreferenceDataModule(
+        str(root),
+        tokenizer_name_or_path=str(tiny_llama_dir),
+        max_length=64,
+        min_prompt_tokens=16,
+        min_score_ratio=None,
+        batch_size=3,
+    )
     data.prepare(("validation",))
     batch = next(iter(data.val_dataloader()))
     assert len(set(batch["prompt_tokens"].tolist())) == 3 and (batch["attention_mask"] == 0).any()
@@ -70,15 +86,30 @@ def trl_compute_loss(module: DPOModule, batch: dict, loss_type: str, beta: float
     positions = torch.arange(batch["input_ids"].size(1))
     completion_mask = (positions >= batch["prompt_tokens"].unsqueeze(1)).long() * batch["attention_mask"]
     trainer = SimpleNamespace(
-        model=module.policy, ref_model=module.ref_policy, beta=beta, loss_types=[loss_type], loss_weights=[1.0],
-        label_smoothing=0.0, ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
-        use_weighting=False, aux_loss_enabled=False, args=SimpleNamespace(gradient_checkpointing_kwargs=None),
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x,
-                                    unwrap_model=lambda m: m),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )  # fmt: skip
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "completion_mask": completion_mask}  # fmt: skip
+        model=module.policy,
+        ref_model=module.ref_policy,
+        beta=beta,
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        label_smoothing=0.0,
+        ld_alpha=None,
+        precompute_ref_logps=False,
+        f_divergence_type="reverse_kl",
+        use_weighting=False,
+        aux_loss_enabled=False,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        accelerator=SimpleNamespace(
+            device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x, unwrap_model=lambda m: m
+        ),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": completion_mask,
+    }
     with torch.no_grad():
         loss = DPOTrainer._compute_loss(trainer, module.policy, inputs, return_outputs=False)
     mode = "train" if module.policy.training else "eval"
@@ -88,8 +119,9 @@ def trl_compute_loss(module: DPOModule, batch: dict, loss_type: str, beta: float
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_loss_and_metrics_match_trl(tiny_llama_dir, mixed_batch, loss_type, lora):
-    module = DPOModule(str(tiny_llama_dir), lora=LoraSettings(r=4, alpha=8) if lora else None,
-                       loss_type=loss_type, beta=0.2)  # fmt: skip
+    module = DPOModule(
+        str(tiny_llama_dir), lora=LoraSettings(r=4, alpha=8) if lora else None, loss_type=loss_type, beta=0.2
+    )
     with torch.no_grad():  # move the policy away from its reference
         for name, p in module.policy.named_parameters():
             if p.requires_grad:
@@ -114,28 +146,45 @@ def test_bad_settings_name_the_fix():
 
 
 def run_dpo(root: Path, model: Path, data: Path, *configs: Path, lr: str) -> pd.DataFrame:
-    every_epoch = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
-                   '{"dirpath": "checkpoints", "save_last": true, "save_top_k": 0, '
-                   '"every_n_train_steps": 0, "every_n_epochs": 1}}]')
+    every_epoch = (
+        '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+        '{"dirpath": "checkpoints", "save_last": true, "save_top_k": 0, '
+        '"every_n_train_steps": 0, "every_n_epochs": 1}}]'
+    )
     args = ["fit"]
     for config in (CONFIG, *configs):
         args += ["--config", str(config)]
-    main([
-        *args,
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger", CSV_ONLY,
-        "--trainer.callbacks", every_epoch,
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.max_epochs", "2",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.val_check_interval", "1.0",
-        "--model.model_name_or_path", str(model),
-        "--model.optimizer.init_args.lr", lr,
-        "--data.path", str(data),
-        "--data.max_length", "64",
-        "--data.min_prompt_tokens", "16",
-        "--data.batch_size", "4",
-    ])  # fmt: skip
+    main(
+        [
+            *args,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger",
+            CSV_ONLY,
+            "--trainer.callbacks",
+            every_epoch,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "1.0",
+            "--model.model_name_or_path",
+            str(model),
+            "--model.optimizer.init_args.lr",
+            lr,
+            "--data.path",
+            str(data),
+            "--data.max_length",
+            "64",
+            "--data.min_prompt_tokens",
+            "16",
+            "--data.batch_size",
+            "4",
+        ]
+    )
     return pd.read_csv(sorted(root.glob("csv/version_*/metrics.csv"))[-1])
 
 
@@ -164,8 +213,10 @@ def test_full_dpo_learns_separable_pairs_and_exports_a_policy(tmp_path, tiny_lla
     for (name, a), b in zip(exported.state_dict().items(), module.policy.state_dict().values()):
         assert torch.equal(a, b), name
     start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    assert not torch.equal(start.state_dict()["model.layers.0.mlp.up_proj.weight"],
-                           exported.state_dict()["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    assert not torch.equal(
+        start.state_dict()["model.layers.0.mlp.up_proj.weight"],
+        exported.state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
     for name, p in module.ref_policy.state_dict().items():  # the reference is the starting model
         assert torch.equal(p, start.state_dict()[name]), name
     assert not list(tmp_path.glob(".policy-*"))  # no staging folder left behind

@@ -5,65 +5,109 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import config_args
 import torch
+from helpers import config_args
 from peft import PeftModel
+from ppo_fixtures import make_parity_policy, make_parity_reward_model
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.cli import main
 from lit_rlhf.modules.ppo import PPOModule
-from ppo_fixtures import make_parity_policy, make_parity_reward_model
 
 
 @pytest.fixture(scope="module")
 def parity_models(tmp_path_factory, smol_tokenizer_dir):
     root = tmp_path_factory.mktemp("parity")
-    return make_parity_policy(root / "policy", smol_tokenizer_dir), make_parity_reward_model(root / "rm", smol_tokenizer_dir)
+    return make_parity_policy(root / "policy", smol_tokenizer_dir), make_parity_reward_model(
+        root / "rm", smol_tokenizer_dir
+    )
 
 
 CSV_ONLY = '[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}}]'
 
 
 def run_ppo(config: str, root: Path, policy: Path, reward: Path, data_root: Path, *extra: str) -> pd.DataFrame:
-    main([
-        "fit", *config_args(config),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger", CSV_ONLY,
-        "--trainer.enable_progress_bar", "false",
-        "--model.model_name_or_path", str(policy),
-        "--model.reward_model_path", str(reward),
-        "--model.forward_batch_size", "8",
-        "--model.max_new_tokens", "10",
-        "--model.temperature", "1.0",
-        "--model.ppo_epochs", "4",
-        "--model.kl_horizon_fraction", "0.5",
-        "--model.policy_optimizer.init_args.lr", "1e-2",
-        "--model.value_optimizer.init_args.lr", "1e-3",
-        "--data.path", str(data_root / "oasst1"),
-        "--data.num_train_prompts", "16",
-        "--data.num_eval_prompts", "8",
-        "--data.max_prompt_length", "48",
-        "--data.batch_size", "16",
-        *extra,
-    ])
+    main(
+        [
+            "fit",
+            *config_args(config),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger",
+            CSV_ONLY,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.model_name_or_path",
+            str(policy),
+            "--model.reward_model_path",
+            str(reward),
+            "--model.forward_batch_size",
+            "8",
+            "--model.max_new_tokens",
+            "10",
+            "--model.temperature",
+            "1.0",
+            "--model.ppo_epochs",
+            "4",
+            "--model.kl_horizon_fraction",
+            "0.5",
+            "--model.policy_optimizer.init_args.lr",
+            "1e-2",
+            "--model.value_optimizer.init_args.lr",
+            "1e-3",
+            "--data.path",
+            str(data_root / "oasst1"),
+            "--data.num_train_prompts",
+            "16",
+            "--data.num_eval_prompts",
+            "8",
+            "--data.max_prompt_length",
+            "48",
+            "--data.batch_size",
+            "16",
+            *extra,
+        ]
+    )
     return pd.read_csv(sorted(root.glob("csv/version_*/metrics.csv"))[-1])
 
 
 def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root):
     policy, reward = parity_models
-    every_iteration = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
-                       '{"dirpath": "checkpoints", "save_last": true, "save_top_k": 0, "every_n_train_steps": 8}}]')
-    df = run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "7",
-                 "--trainer.callbacks", every_iteration)
+    every_iteration = (
+        '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+        '{"dirpath": "checkpoints", "save_last": true, "save_top_k": 0, "every_n_train_steps": 8}}]'
+    )
+    df = run_ppo(
+        "ppo_full",
+        tmp_path,
+        policy,
+        reward,
+        data_root,
+        "--trainer.max_epochs",
+        "7",
+        "--trainer.callbacks",
+        every_iteration,
+    )
     scores = df["objective/scores"].tolist()
     # a rise of 0.4-0.9 over seeds 1, 2, 42 (the untrained policy scores about 0.5)
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.3, scores
     kl, coef = df["objective/kl_per_token"].tolist(), df["kl_coef"].tolist()
     for i in range(len(coef) - 1):  # Ziegler's controller: up when KL is above target, down below
         assert (coef[i + 1] > coef[i]) == (kl[i] > 0.05), (i, kl[i], coef[i], coef[i + 1])
-    assert {"objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/non_score_reward",
-            "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
-            "val/num_eos_tokens", "val/truncated_share", "policy/approxkl_avg_first_epoch"} <= set(df.columns)
+    assert {
+        "objective/kl",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "objective/non_score_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/ratio",
+        "val/num_eos_tokens",
+        "val/truncated_share",
+        "policy/approxkl_avg_first_epoch",
+    } <= set(df.columns)
     assert (tmp_path / "eval_prompts.jsonl").exists()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -75,8 +119,9 @@ def test_full_ppo_raises_reward_and_steers_kl(tmp_path, parity_models, data_root
     assert module.kl_controller.value == pytest.approx(expected, rel=1e-4)
 
 
-def test_the_system_instruction_reaches_the_training_prompts_and_the_export(tmp_path, parity_models, data_root,
-                                                                          monkeypatch):  # fmt: skip
+def test_the_system_instruction_reaches_the_training_prompts_and_the_export(
+    tmp_path, parity_models, data_root, monkeypatch
+):
     """--model.system_prompt: the data module encodes every training prompt under it (CLI link), and
     the exported policy records it for the evaluation."""
     import json
@@ -93,8 +138,17 @@ def test_the_system_instruction_reaches_the_training_prompts_and_the_export(tmp_
         return real(tokenizer, prompt, max_length, system_prompt)
 
     monkeypatch.setattr(prompts_module, "chat_prompt_ids", spy)
-    run_ppo("ppo_full", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1",
-            "--model.system_prompt", "Answer in one sentence.")  # fmt: skip
+    run_ppo(
+        "ppo_full",
+        tmp_path,
+        policy,
+        reward,
+        data_root,
+        "--trainer.max_epochs",
+        "1",
+        "--model.system_prompt",
+        "Answer in one sentence.",
+    )
     assert encoded and set(encoded) == {"Answer in one sentence."}
     record = json.loads((tmp_path / "policy" / REWARD_MODEL_INFO).read_text())
     assert record == {"system_prompt": "Answer in one sentence."}
@@ -105,14 +159,18 @@ def test_lora_trains_only_adapters_and_reloads(tmp_path, parity_models, data_roo
     base_before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
     run_ppo("ppo_lora", tmp_path, policy, reward, data_root, "--trainer.max_epochs", "1")
     module = PPOModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert module.trainable_params["policy"] == sum(
-        p.numel() for n, p in module.policy.named_parameters() if "lora_" in n
-    ) > 0
+    assert (
+        module.trainable_params["policy"]
+        == sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" in n)
+        > 0
+    )
     lora_b = [p for n, p in module.policy.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b), "adapters did not train"
     base_after = module.policy.get_base_model().state_dict()
     for name, weight in base_before.items():
-        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "v_proj.weight", "v_proj.base_layer.weight"
+        )
         assert torch.equal(weight, base_after[key]), f"base weight {name} changed"
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy), tmp_path / "policy_adapter")
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -171,8 +229,14 @@ def updates_without_steps(module: PPOModule) -> tuple[GradientCapture, GradientC
 def prompt_batch(policy, data_root, n: int = 16) -> dict:
     from lit_rlhf.data.oasst1_prompts import OASST1PromptDataModule
 
-    data = OASST1PromptDataModule(path=str(data_root / "oasst1"), tokenizer_name_or_path=str(policy),
-                                  num_train_prompts=n, num_eval_prompts=8, max_prompt_length=48, batch_size=n)
+    data = OASST1PromptDataModule(
+        path=str(data_root / "oasst1"),
+        tokenizer_name_or_path=str(policy),
+        num_train_prompts=n,
+        num_eval_prompts=8,
+        max_prompt_length=48,
+        batch_size=n,
+    )
     data.setup("fit")
     return next(iter(data.train_dataloader()))
 
@@ -196,7 +260,9 @@ def plain_forward(module: PPOModule, ro: dict) -> tuple[torch.Tensor, torch.Tens
         module.policy.eval()
         module.critic.eval()
         logits = module._response_logits(module.policy, ro["sequences"], ro["attention_mask"], width)
-        return logprobs_from_logits(logits, ro["responses"]), module._values(ro["sequences"], ro["attention_mask"], width)
+        return logprobs_from_logits(logits, ro["responses"]), module._values(
+            ro["sequences"], ro["attention_mask"], width
+        )
 
 
 def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch):
@@ -205,8 +271,14 @@ def test_rollout_reuses_generation_logits(parity_models, data_root, monkeypatch)
     penalty or top-k there would change what is sampled but not what the training forward computes)."""
     policy, reward = parity_models
     torch.manual_seed(0)
-    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), forward_batch_size=16,
-                       max_new_tokens=10, temperature=0.7, ppo_epochs=1)
+    module = PPOModule(
+        model_name_or_path=str(policy),
+        reward_model_path=str(reward),
+        forward_batch_size=16,
+        max_new_tokens=10,
+        temperature=0.7,
+        ppo_epochs=1,
+    )
     module.policy.generation_config.update(repetition_penalty=1.5, top_k=3, no_repeat_ngram_size=2)
     used = []
     real = module.policy._get_logits_processor
@@ -253,8 +325,14 @@ def test_ppo_loss_does_not_depend_on_the_micro_batch_size(parity_models, data_ro
     length-grouped micro-batch it falls in, so micro-batches of 3 give the gradient of one of 16."""
     policy, reward = parity_models
     torch.manual_seed(0)
-    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), forward_batch_size=16,
-                       max_new_tokens=10, temperature=1.0, ppo_epochs=1)
+    module = PPOModule(
+        model_name_or_path=str(policy),
+        reward_model_path=str(reward),
+        forward_batch_size=16,
+        max_new_tokens=10,
+        temperature=1.0,
+        ppo_epochs=1,
+    )
     ro = module.rollout(prompt_batch(policy, data_root))
     assert ro["mask"].size(1) == 10
     ro = force_response_lengths(module, ro, [1, 10, 2, 9, 1, 10, 3, 8, 1, 10, 2, 7, 1, 10, 4, 6])
@@ -278,8 +356,16 @@ def test_lora_updates_start_from_the_rollout_policy_and_values(parity_models, da
 
     policy, reward = parity_models
     torch.manual_seed(0)
-    module = PPOModule(model_name_or_path=str(policy), reward_model_path=str(reward), lora=LoraSettings(),
-                       critic_lora=LoraSettings(), forward_batch_size=8, max_new_tokens=10, temperature=1.0, ppo_epochs=2)
+    module = PPOModule(
+        model_name_or_path=str(policy),
+        reward_model_path=str(reward),
+        lora=LoraSettings(),
+        critic_lora=LoraSettings(),
+        forward_batch_size=8,
+        max_new_tokens=10,
+        temperature=1.0,
+        ppo_epochs=2,
+    )
     with torch.no_grad():  # as after a first iteration: lora_B starts at 0, where dropout changes nothing
         for name, param in [*module.policy.named_parameters(), *module.critic.named_parameters()]:
             if "lora_B" in name:
@@ -316,7 +402,9 @@ def test_ppo_scores_as_the_reward_model_was_trained(parity_models, tmp_path, mon
     exported = shutil.copytree(reward, tmp_path / "rm")
     (exported / REWARD_MODEL_INFO).write_text(json.dumps({"scoring": {"max_length": 96, "min_prompt_tokens": 24}}))
     calls = []
-    monkeypatch.setattr(online, "score_responses", lambda *args, **kwargs: calls.append((args[4], kwargs)) or torch.zeros(1))
+    monkeypatch.setattr(
+        online, "score_responses", lambda *args, **kwargs: calls.append((args[4], kwargs)) or torch.zeros(1)
+    )
     PPOModule(model_name_or_path=str(policy), reward_model_path=str(exported)).score(["q"], ["a"], [True])
     assert calls[-1][0] == 96 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning" not in capsys.readouterr().out
@@ -324,7 +412,8 @@ def test_ppo_scores_as_the_reward_model_was_trained(parity_models, tmp_path, mon
     module.score(["q"], ["a"], [True])
     assert calls[-1][0] == 128 and calls[-1][1]["min_prompt_tokens"] == 24
     assert "warning: scoring with reward_max_length 128, but the reward model was trained with max length 96" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
 
 
 def test_a_critic_whose_tokenizer_is_not_the_policys_is_refused(parity_models, tmp_path):

@@ -93,7 +93,9 @@ def test_learns_a_separable_preference_and_exports_a_reloadable_scorer(tiny_llam
 def test_chosen_and_rejected_share_one_forward_pass(tiny_llama_dir):
     model = RewardModel(str(tiny_llama_dir))
     calls = []
-    model.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    model.model.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     batch = {
         "input_ids": torch.randint(3, 100, (6, 10)),
         "attention_mask": torch.ones(6, 10, dtype=torch.long),
@@ -109,7 +111,10 @@ def test_loss_margin_and_centering(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask, prompt_tokens=None: rewards)
     batch = {"input_ids": None, "attention_mask": None, "margin": torch.tensor([0.0, 1.0])}
     loss, diff = model._pair_step(batch)
-    expected = -(torch.nn.functional.logsigmoid(torch.tensor([2.0 - 0.5, -0.5 - 1.5]))).mean() + 0.1 * ((torch.tensor([2.0, 2.5])) ** 2).mean()
+    expected = (
+        -(torch.nn.functional.logsigmoid(torch.tensor([2.0 - 0.5, -0.5 - 1.5]))).mean()
+        + 0.1 * ((torch.tensor([2.0, 2.5])) ** 2).mean()
+    )
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(diff, torch.tensor([2.0, -0.5]))
     # per-pair weights (data.balance_length): a weighted mean of the pair losses
@@ -128,8 +133,12 @@ def test_odin_loss_is_the_pairwise_loss_of_the_sum_plus_the_length_and_orthogona
     with torch.no_grad():
         model.model.score.weight.copy_(torch.zeros_like(model.model.score.weight))
         model.model.score.weight[0, 0] = model.model.score.weight[1, 0] = model.model.score.weight[1, 1] = 1.0
-    batch = {"input_ids": None, "attention_mask": None, "margin": torch.zeros(2),
-             "response_chars": torch.tensor([10, 40, 20, 30])}  # fmt: skip
+    batch = {
+        "input_ids": None,
+        "attention_mask": None,
+        "margin": torch.zeros(2),
+        "response_chars": torch.tensor([10, 40, 20, 30]),
+    }
     out = model._pair_outputs(batch)
     torch.testing.assert_close(out["diff"], torch.tensor([1.5 - (-0.5), 2.0 - 1.0]))  # the sum's margins
     # lengths centred [-15, 15, -5, 5] (sum of squares 500); quality centred [.375, -.625, -.125, .375]
@@ -145,16 +154,21 @@ def test_odin_loss_is_the_pairwise_loss_of_the_sum_plus_the_length_and_orthogona
     assert model._pair_step(batch)[0].item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_odin_head_trains_exports_both_outputs_and_scorers_read_the_quality_one(tiny_llama_dir, separable_dir,
-                                                                                tmp_path):  # fmt: skip
+def test_odin_head_trains_exports_both_outputs_and_scorers_read_the_quality_one(
+    tiny_llama_dir, separable_dir, tmp_path
+):
     from lit_rlhf.models.scoring import score_responses
 
     model = RewardModel(str(tiny_llama_dir), head="odin", optimizer=adamw(3e-3))
     data = PreferenceDataModule(str(separable_dir), max_length=64, min_prompt_tokens=16, batch_size=8)
     run = trainer(tmp_path, max_epochs=1, limit_train_batches=2, log_every_n_steps=1)
     run.fit(model, data)
-    assert {"train/odin_length_term", "val/accuracy_quality", "val/length_corr_quality",
-            "val/length_corr_length"} <= set(run.callback_metrics)  # fmt: skip
+    assert {
+        "train/odin_length_term",
+        "val/accuracy_quality",
+        "val/length_corr_quality",
+        "val/length_corr_length",
+    } <= set(run.callback_metrics)
     exported = tmp_path / "reward_model"
     info = reward_model_info(exported)
     assert info["head"] == "odin" and info["reward_output"] == "quality"
@@ -168,8 +182,9 @@ def test_odin_head_trains_exports_both_outputs_and_scorers_read_the_quality_one(
         # PPO, GRPO, RLOO and the evaluation score with the quality output
         torch.testing.assert_close(scorer(**inputs).logits[:, 0], both[:, 0])
         row = data.datasets["validation"][0]
-        rewards = score_responses(scorer, model.tokenizer, [row["prompt"]], [row["chosen"]], max_length=64,
-                                  min_prompt_tokens=16, ended=[True])  # fmt: skip
+        rewards = score_responses(
+            scorer, model.tokenizer, [row["prompt"]], [row["chosen"]], max_length=64, min_prompt_tokens=16, ended=[True]
+        )
         torch.testing.assert_close(rewards, both[:1, 0])
         kept = load_sequence_scorer(str(exported), model.tokenizer.pad_token_id, odin=True).eval()
         torch.testing.assert_close(kept(**inputs).logits, both)
@@ -231,7 +246,12 @@ def test_test_accuracy_per_score_ratio_bucket_and_domain(tiny_llama_dir, tmp_pat
     model = RewardModel(str(tiny_llama_dir))
     metrics = trainer(tmp_path, max_epochs=1).test(model, data, verbose=False)[0]
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
-    assert {"test/accuracy_ratio_<2", "test/accuracy_ratio_2-3", "test/accuracy_ratio_3-5", "test/accuracy_ratio_>=10"} <= set(metrics)
+    assert {
+        "test/accuracy_ratio_<2",
+        "test/accuracy_ratio_2-3",
+        "test/accuracy_ratio_3-5",
+        "test/accuracy_ratio_>=10",
+    } <= set(metrics)
     assert {"test/accuracy_domain_askculinary", "test/accuracy_domain_askphysics"} <= set(metrics)
     assert "test/accuracy_ratio_5-10" not in metrics  # empty buckets are not logged
     per_domain = (metrics["test/accuracy_domain_askculinary"] + metrics["test/accuracy_domain_askphysics"]) / 2
@@ -239,11 +259,34 @@ def test_test_accuracy_per_score_ratio_bucket_and_domain(tiny_llama_dir, tmp_pat
 
 
 def test_cli_fit_then_test_on_the_exported_folder(tiny_llama_dir, separable_dir, tmp_path, capsys):
-    common = ["--config", str(CONFIG), "--data.path", str(separable_dir),
-              "--data.max_length", "64", "--data.min_prompt_tokens", "16", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    main(["fit", *common, "--model.model_name_or_path", str(tiny_llama_dir), "--model.trainable_top_blocks", "1",
-          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-          "--trainer.default_root_dir", str(tmp_path / "fit")])  # fmt: skip
+    common = [
+        "--config",
+        str(CONFIG),
+        "--data.path",
+        str(separable_dir),
+        "--data.max_length",
+        "64",
+        "--data.min_prompt_tokens",
+        "16",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    main(
+        [
+            "fit",
+            *common,
+            "--model.model_name_or_path",
+            str(tiny_llama_dir),
+            "--model.trainable_top_blocks",
+            "1",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path / "fit"),
+        ]
+    )
     exported = tmp_path / "fit" / "reward_model"
     assert (exported / "model.safetensors").exists() and list((tmp_path / "fit" / "checkpoints").glob("best-*.ckpt"))
     assert (tmp_path / "fit" / "preprocessed_preview.md").exists()
@@ -253,7 +296,16 @@ def test_cli_fit_then_test_on_the_exported_folder(tiny_llama_dir, separable_dir,
     assert seen["post_ids"] == {f"q{i}" for i in range(48)}  # train (0-39) + validation (40-47), not test
     assert seen["message_tree_ids"] == {f"t{i}" for i in range(24)}
     assert reward_model_info(exported)["base_model"] == str(tiny_llama_dir)
-    main(["test", *common, "--model.model_name_or_path", str(exported), "--trainer.default_root_dir", str(tmp_path / "test")])
+    main(
+        [
+            "test",
+            *common,
+            "--model.model_name_or_path",
+            str(exported),
+            "--trainer.default_root_dir",
+            str(tmp_path / "test"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "test/accuracy" in out and "test/baseline_longer_reply" in out and f"under {tiny_llama_dir}" in out
     assert "| reward model | " in (tmp_path / "test" / "test_accuracy.md").read_text()
@@ -263,7 +315,9 @@ def test_cpu_setting_is_one_override_stacked_on_the_stage_config(capsys):
     import yaml
 
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIG), "--config", str(CPU_CONFIG), "--data.path", "runs/pairs", "--print_config"])
+        main(
+            ["fit", "--config", str(CONFIG), "--config", str(CPU_CONFIG), "--data.path", "runs/pairs", "--print_config"]
+        )
     parsed = yaml.safe_load(capsys.readouterr().out)
     override = yaml.safe_load(CPU_CONFIG.read_text())
 
@@ -434,8 +488,9 @@ def test_trunk_cache_file_is_reused_only_for_the_same_trunk(tmp_path, smol_token
     assert reread.computed == 8 and reread.reused == 0
 
 
-def test_trunk_cache_never_trusts_a_half_written_or_truncated_file(tmp_path, smol_tokenizer_dir, separable_dir,
-                                                                   monkeypatch, capsys):  # fmt: skip
+def test_trunk_cache_never_trusts_a_half_written_or_truncated_file(
+    tmp_path, smol_tokenizer_dir, separable_dir, monkeypatch, capsys
+):
     import lit_rlhf.models.frozen_trunk as frozen_trunk
 
     folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
@@ -485,10 +540,12 @@ def test_mean_response_logprob_equals_the_log_probs_of_the_full_causal_lm(tiny_l
     with torch.no_grad():
         logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits.log_softmax(-1)
         hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    expected = torch.stack([
-        sum(logits[0, t - 1, input_ids[0, t]] for t in range(2, 6)) / 4,
-        sum(logits[1, t - 1, input_ids[1, t]] for t in range(1, 3)) / 2,
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            sum(logits[0, t - 1, input_ids[0, t]] for t in range(2, 6)) / 4,
+            sum(logits[1, t - 1, input_ids[1, t]] for t in range(1, 3)) / 2,
+        ]
+    )
     got = mean_response_logprob(lm.lm_head, hidden, input_ids, attention_mask, start, chunk=3)
     torch.testing.assert_close(got, expected)
 
@@ -510,10 +567,24 @@ def test_grouped_bootstrap_interval_resamples_whole_posts():
 
 def _length_pairs() -> list[dict]:
     """13 test pairs: the chosen reply is the longer one in 8, the shorter one in 4, as long in 1."""
-    longer = [{"prompt": f"Question {i}?", "chosen": f"A careful, complete answer number {i}.", "rejected": f"No {i}.",
-               "post_id": f"p{i // 2}"} for i in range(8)]  # fmt: skip
-    shorter = [{"prompt": f"Other question {i}?", "chosen": f"Yes {i}.", "rejected": f"A rambling reply that goes on {i}.",
-                "post_id": f"s{i}"} for i in range(4)]  # fmt: skip
+    longer = [
+        {
+            "prompt": f"Question {i}?",
+            "chosen": f"A careful, complete answer number {i}.",
+            "rejected": f"No {i}.",
+            "post_id": f"p{i // 2}",
+        }
+        for i in range(8)
+    ]
+    shorter = [
+        {
+            "prompt": f"Other question {i}?",
+            "chosen": f"Yes {i}.",
+            "rejected": f"A rambling reply that goes on {i}.",
+            "post_id": f"s{i}",
+        }
+        for i in range(4)
+    ]
     tie = [{"prompt": "Tie?", "chosen": "abc", "rejected": "xyz", "post_id": "t"}]
     return longer + shorter + tie
 
@@ -523,7 +594,11 @@ def test_test_run_reports_interval_baselines_and_length_subsets(tmp_path, smol_t
     from lit_rlhf.models.hf import load_causal_lm
 
     folder = make_tiny_llama_dir(tmp_path / "llama3", smol_tokenizer_dir, num_hidden_layers=3)
-    base = folder if shared_trunk else make_tiny_llama_dir(tmp_path / "base", smol_tokenizer_dir, seed=2, num_hidden_layers=3)
+    base = (
+        folder
+        if shared_trunk
+        else make_tiny_llama_dir(tmp_path / "base", smol_tokenizer_dir, seed=2, num_hidden_layers=3)
+    )
     pairs = _length_pairs()
     write_jsonl(tmp_path / "pairs" / "test.jsonl", pairs)
     model = RewardModel(str(folder), trainable_top_blocks=1, baseline_model=None if shared_trunk else str(base))
@@ -532,8 +607,10 @@ def test_test_run_reports_interval_baselines_and_length_subsets(tmp_path, smol_t
 
     # references, computed apart from the module: the plain HF scorer and the full base causal LM
     test = data.datasets["test"]
-    sequences = [(row["chosen_ids"], row["rejected_ids"], row["chosen_prompt_tokens"], row["rejected_prompt_tokens"])
-                 for row in test]  # fmt: skip
+    sequences = [
+        (row["chosen_ids"], row["rejected_ids"], row["chosen_prompt_tokens"], row["rejected_prompt_tokens"])
+        for row in test
+    ]
     lm = load_causal_lm(str(base)).eval()
 
     def reward(ids) -> float:
@@ -579,14 +656,19 @@ def test_odin_test_run_reports_each_output_per_source(tmp_path, smol_tokenizer_d
     write_jsonl(tmp_path / "beta" / "test.jsonl", separable_pairs(6))
     sources = [{"domain": "alpha", "path": str(tmp_path / "alpha")}, {"domain": "beta", "path": str(tmp_path / "beta")}]
     model = RewardModel(str(folder), head="odin", trainable_top_blocks=1)  # the trunk cache serves both outputs
-    data = PreferenceDataModule(sources=sources, max_length=64, min_prompt_tokens=16, batch_size=4,
-                                min_score_ratio=None)  # fmt: skip
+    data = PreferenceDataModule(
+        sources=sources, max_length=64, min_prompt_tokens=16, batch_size=4, min_score_ratio=None
+    )
     metrics = trainer(tmp_path / "run", max_epochs=1).test(model, data, verbose=False)[0]
 
     test = data.datasets["test"]
     with torch.no_grad():
-        outputs = {side: np.array([model.model(input_ids=torch.tensor([ids])).logits[0].tolist()
-                                   for ids in test[f"{side}_ids"]]) for side in ("chosen", "rejected")}  # fmt: skip
+        outputs = {
+            side: np.array(
+                [model.model(input_ids=torch.tensor([ids])).logits[0].tolist() for ids in test[f"{side}_ids"]]
+            )
+            for side in ("chosen", "rejected")
+        }
     chars = {side: np.array([len(text) for text in test[side]]) for side in ("chosen", "rejected")}
     domains = np.array(test["domain"])
     for key, mask in (("", domains != ""), ("alpha/", domains == "alpha"), ("beta/", domains == "beta")):

@@ -79,8 +79,12 @@ class FixedTokenLogProbs(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels, fused_lm_head, use_cache):
         scored = labels[:, 1:] != -100
         zeros = torch.zeros_like(self.token_logps)
-        return SimpleNamespace(log_probs=self.token_logps.masked_fill(~scored, 0.0), entropy=zeros,
-                               mean_logits=zeros, is_top1=torch.zeros_like(scored))  # fmt: skip
+        return SimpleNamespace(
+            log_probs=self.token_logps.masked_fill(~scored, 0.0),
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=torch.zeros_like(scored),
+        )
 
 
 def trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float, inputs: dict, policy, reference) -> float:
@@ -88,12 +92,23 @@ def trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float, inputs: di
     from trl.trainer.dpo_trainer import DPOTrainer
 
     trainer = SimpleNamespace(
-        model=policy, ref_model=reference, beta=beta, loss_types=[loss_type], loss_weights=[1.0],
-        label_smoothing=label_smoothing, ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
-        use_weighting=False, aux_loss_enabled=False, args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        model=policy,
+        ref_model=reference,
+        beta=beta,
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        label_smoothing=label_smoothing,
+        ld_alpha=None,
+        precompute_ref_logps=False,
+        f_divergence_type="reverse_kl",
+        use_weighting=False,
+        aux_loss_enabled=False,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )  # fmt: skip
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     return DPOTrainer._compute_loss(trainer, policy, inputs, return_outputs=False).item()
 
 
@@ -104,10 +119,14 @@ def random_pairs(n_pairs: int, width: int, seed: int):
     prompt_tokens = (torch.rand(2 * n_pairs, generator=generator) * (lengths - 2)).long() + 1
     attention = (torch.arange(width) < lengths.unsqueeze(1)).long()
     completion = attention * (torch.arange(width) >= prompt_tokens.unsqueeze(1)).long()
-    inputs = {"input_ids": torch.randint(0, 100, (2 * n_pairs, width), generator=generator),
-              "attention_mask": attention, "completion_mask": completion}  # fmt: skip
-    policy, reference = (-5 * torch.rand(2 * n_pairs, width - 1, generator=generator, dtype=torch.float64)
-                         for _ in range(2))  # fmt: skip
+    inputs = {
+        "input_ids": torch.randint(0, 100, (2 * n_pairs, width), generator=generator),
+        "attention_mask": attention,
+        "completion_mask": completion,
+    }
+    policy, reference = (
+        -5 * torch.rand(2 * n_pairs, width - 1, generator=generator, dtype=torch.float64) for _ in range(2)
+    )
     return inputs, prompt_tokens, policy, reference
 
 

@@ -21,7 +21,9 @@ def test_group_advantages_by_hand():
     expected = t(-1 / (std + 1e-4), 1 / (std + 1e-4), 0.0, 0.0, -1 / (std + 1e-4), 1 / (std + 1e-4))
     torch.testing.assert_close(group_advantages(rewards, 2), expected)
     torch.testing.assert_close(group_advantages(rewards, 2, "none"), t(-1.0, 1.0, 0.0, 0.0, -1.0, 1.0))
-    torch.testing.assert_close(group_advantages(rewards, 2, "batch"), t(-1.0, 1.0, 0.0, 0.0, -1.0, 1.0) / (rewards.std() + 1e-4))
+    torch.testing.assert_close(
+        group_advantages(rewards, 2, "batch"), t(-1.0, 1.0, 0.0, 0.0, -1.0, 1.0) / (rewards.std() + 1e-4)
+    )
     with pytest.raises(ValueError):
         group_advantages(rewards, 4)  # 6 rewards do not form groups of 4
 
@@ -55,7 +57,9 @@ def test_grpo_loss_by_hand():
     kl = k3_kl(new, ref)
     assert with_kl.loss.item() == pytest.approx(bnpo.loss.item() + 0.1 * float((kl * mask).sum() / 3))
     # micro-batches with the batch's counts add up to the batch's loss
-    parts = sum(grpo_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], n_sequences=2).loss for i in range(2))
+    parts = sum(
+        grpo_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], n_sequences=2).loss for i in range(2)
+    )
     assert parts.item() == pytest.approx(out.loss.item())
 
 
@@ -86,12 +90,19 @@ def _trl_self(per_token_logps: torch.Tensor, **settings) -> SimpleNamespace:
     """The attributes TRL's `_compute_loss` reads, with the policy's log-probs given directly."""
     return SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, torch.zeros_like(per_token_logps), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", use_vllm=False, _entropy_bonus_enabled=False,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, accelerator=_Accelerator(),
-        _metrics=defaultdict(lambda: defaultdict(list)), **settings,
-    )  # fmt: skip
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        use_vllm=False,
+        _entropy_bonus_enabled=False,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        accelerator=_Accelerator(),
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        **settings,
+    )
 
 
 def _rollout(seed: int = 0):
@@ -101,9 +112,11 @@ def _rollout(seed: int = 0):
     mask = (torch.arange(width) < lengths.unsqueeze(1)).float()
     logps, old, ref = -torch.rand(b, width) * 2, -torch.rand(b, width) * 2, -torch.rand(b, width) * 2
     inputs = {
-        "prompt_ids": torch.zeros(b, prompt, dtype=torch.long), "prompt_mask": torch.ones(b, prompt, dtype=torch.long),
-        "completion_ids": torch.zeros(b, width, dtype=torch.long), "completion_mask": mask.long(),
-    }  # fmt: skip
+        "prompt_ids": torch.zeros(b, prompt, dtype=torch.long),
+        "prompt_mask": torch.ones(b, prompt, dtype=torch.long),
+        "completion_ids": torch.zeros(b, width, dtype=torch.long),
+        "completion_mask": mask.long(),
+    }
     return logps, old, ref, mask, inputs
 
 

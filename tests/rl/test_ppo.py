@@ -113,13 +113,19 @@ def test_losses_divided_by_a_given_token_count_sum_to_the_whole_batch_loss():
     values, old_values, returns = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
     mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1]])
     whole = ppo_policy_loss(new, old, adv, mask, 0.2).loss
-    parts = sum(ppo_policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2, 5.0).loss
-                for i in range(2))  # fmt: skip
+    parts = sum(
+        ppo_policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2, 5.0).loss
+        for i in range(2)
+    )
     torch.testing.assert_close(parts, whole)
-    row_weighted = sum(0.5 * ppo_policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2).loss
-                       for i in range(2))  # fmt: skip
+    row_weighted = sum(
+        0.5 * ppo_policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2).loss
+        for i in range(2)
+    )
     assert not torch.isclose(row_weighted, whole)  # the old per-micro-batch token mean
     whole_v = ppo_value_loss(values, old_values, returns, mask, 0.2)[0]
-    parts_v = sum(ppo_value_loss(values[i : i + 1], old_values[i : i + 1], returns[i : i + 1], mask[i : i + 1], 0.2, 5.0)[0]
-                  for i in range(2))  # fmt: skip
+    parts_v = sum(
+        ppo_value_loss(values[i : i + 1], old_values[i : i + 1], returns[i : i + 1], mask[i : i + 1], 0.2, 5.0)[0]
+        for i in range(2)
+    )
     torch.testing.assert_close(parts_v, whole_v)

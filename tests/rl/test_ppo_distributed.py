@@ -5,8 +5,8 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-
 from distributed_helpers import batch, rank_main
+
 from lit_rlhf.rl.common import masked_mean, masked_whiten
 
 

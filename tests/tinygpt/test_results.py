@@ -57,8 +57,13 @@ def test_table_from_fake_runs(tmp_path):
     rl = fake_run(
         tmp_path / "rl",
         [
-            {"step": s, "train/keyword_rate": rate, "train/reward": rate - 0.02, "train/kl": 0.01 * s,
-             "train/distinct_char_frac": 0.4}
+            {
+                "step": s,
+                "train/keyword_rate": rate,
+                "train/reward": rate - 0.02,
+                "train/kl": 0.01 * s,
+                "train/distinct_char_frac": 0.4,
+            }
             for s, rate in enumerate([0.0, 0.1, 0.0, 0.1, 0.5, 0.6, 0.7, 0.8])
         ],
         hparams={"init_from": str(tmp_path / "sft" / "checkpoints" / "last.ckpt")},

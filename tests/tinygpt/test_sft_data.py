@@ -34,8 +34,15 @@ def test_pair_starts_and_split_without_overlap():
 
 def make_data(tmp_path, **kwargs) -> SFTCharsDataModule:
     (tmp_path / "train.txt").write_text(TEXT)
-    args = dict(path=str(tmp_path / "train.txt"), vocab=VOCAB, k=16, stride=32, batch_size=8,
-                instruction_prefix="I: ", answer_prefix="\nA: ")
+    args = dict(
+        path=str(tmp_path / "train.txt"),
+        vocab=VOCAB,
+        k=16,
+        stride=32,
+        batch_size=8,
+        instruction_prefix="I: ",
+        answer_prefix="\nA: ",
+    )
     dm = SFTCharsDataModule(**{**args, **kwargs})
     dm.setup("fit")
     return dm
