@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -50,3 +51,22 @@ STAGE_STACKS = {
 def config_args(stage: str) -> list[str]:
     """`--config` arguments for a stage named as in STAGE_STACKS."""
     return [arg for config in STAGE_STACKS[stage] for arg in ("--config", str(REPO / "configs" / config))]
+
+
+# A TinyGPT run of two steps on the text Python ships: what the CLI tests run when any training will do.
+TINY_RUN = (
+    "--data.path builtin:pydoc-topics --data.train_chars 4000 --data.val_chars 1000 --trainer.max_steps 2 "
+    "--trainer.enable_progress_bar false"
+).split()
+
+
+def cli_error(capsys, run) -> str:
+    """Run a command that must stop on bad input: exit code 2, one paragraph on stderr, no trace."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "lit_rlhf error:" in err
+    message = err[err.index("lit_rlhf error:") :].strip()
+    assert "\n\n" not in message
+    return " ".join(message.split())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from eval.test_rlhf_evaluation import fake_runs  # noqa: F401  (a module-scoped fixture)
-from helpers import config_args, make_tiny_llama_dir
+from helpers import cli_error, config_args, make_tiny_llama_dir
 from lightning.pytorch import Trainer
 from medmnist_helpers import fit_tiny_dcgan, write_tiny_medmnist
 from ppo_fixtures import make_parity_policy, make_parity_reward_model
@@ -80,18 +80,6 @@ def truncated_folder(source: Path, target: Path, weights: str) -> Path:
     shutil.copytree(source, target)
     truncated_copy(source / weights, target / weights)
     return target
-
-
-def cli_error(capsys, run) -> str:
-    """Run a command that must stop on bad input: exit code 2, one paragraph on stderr, no trace."""
-    with pytest.raises(SystemExit) as exit_info:
-        run()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "lit_rlhf error:" in err
-    message = err[err.index("lit_rlhf error:") :].strip()
-    assert "\n\n" not in message
-    return " ".join(message.split())
 
 
 @pytest.fixture(scope="module")

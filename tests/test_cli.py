@@ -15,6 +15,7 @@ import nbformat
 import pytest
 import wandb
 import yaml
+from helpers import TINY_RUN
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -270,20 +271,6 @@ def test_placing_outputs_twice_changes_nothing():
     place_outputs_under_root(trainer)
     place_outputs_under_root(trainer)
     assert trainer.logger[0].init_args.save_dir == "runs/x"
-
-
-TINY_RUN = [
-    "--data.path",
-    "builtin:pydoc-topics",
-    "--data.train_chars",
-    "4000",
-    "--data.val_chars",
-    "1000",
-    "--trainer.max_steps",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
-]
 
 
 @pytest.mark.parametrize("absolute", [False, True], ids=["relative_root", "absolute_root"])

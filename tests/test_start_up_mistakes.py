@@ -5,45 +5,17 @@ import os
 from types import SimpleNamespace
 
 import pytest
-import torch
+from helpers import TINY_RUN, cli_error
 
 from lit_rlhf import callbacks
 from lit_rlhf.cli import main
 
-TINY = [
-    "--config",
-    "configs/tinygpt/pretrain.yaml",
-    "--data.path",
-    "builtin:pydoc-topics",
-    "--data.train_chars",
-    "4000",
-    "--data.val_chars",
-    "1000",
-    "--trainer.max_steps",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
-]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = ["--config", "configs/tinygpt/pretrain.yaml", *TINY_RUN]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def refused(capsys, args: list[str]) -> str:
-    """The command ends with exit 2 and one paragraph on stderr, no trace."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "lit_rlhf error:" in err
-    message = err[err.index("lit_rlhf error:") :].strip()
-    assert "\n\n" not in message
-    return " ".join(message.split())
+    return cli_error(capsys, lambda: main(args))
 
 
 def test_a_checkpoint_file_that_does_not_exist_leaves_no_run_behind(tmp_path, capsys):

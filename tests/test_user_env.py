@@ -9,22 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_RUN
 
 from lit_rlhf.models.hf import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RUN = [
-    "--data.path",
-    "builtin:pydoc-topics",
-    "--data.train_chars",
-    "4000",
-    "--data.val_chars",
-    "1000",
-    "--trainer.max_steps",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
-]
 
 
 def user_env(home: Path, **extra: str) -> dict:
